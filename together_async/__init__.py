@@ -1,0 +1,79 @@
+"""together_async: a fully async client for Together's Batch API.
+
+Everything a user needs is importable from here; the modules behind it are private.
+"""
+
+from __future__ import annotations
+
+from ._errors import (
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    BatchFileError,
+    ClientClosedError,
+    ConflictError,
+    InternalServerError,
+    InvalidArgumentError,
+    ManifestMismatchError,
+    MissingAPIKeyError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    TogetherError,
+    UnprocessableEntityError,
+    UnsafeURLError,
+    WaitTimeoutError,
+)
+from ._models import (
+    BatchEndpoint,
+    BatchJob,
+    BatchJobStatus,
+    BatchRequest,
+    BatchResult,
+    DownloadedFile,
+    FileDeleteResponse,
+    FileList,
+    FileObject,
+    FilePurpose,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APIResponseValidationError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "BatchEndpoint",
+    "BatchFileError",
+    "BatchJob",
+    "BatchJobStatus",
+    "BatchRequest",
+    "BatchResult",
+    "ClientClosedError",
+    "ConflictError",
+    "DownloadedFile",
+    "FileDeleteResponse",
+    "FileList",
+    "FileObject",
+    "FilePurpose",
+    "InternalServerError",
+    "InvalidArgumentError",
+    "ManifestMismatchError",
+    "MissingAPIKeyError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "TogetherError",
+    "UnprocessableEntityError",
+    "UnsafeURLError",
+    "WaitTimeoutError",
+    "__version__",
+]

@@ -1,0 +1,173 @@
+"""The one cattrs converter of together_async and its hooks (the only module importing cattrs).
+
+Wire JSON -> models: timestamps as ISO strings or unix ints, the capitalised FileResponse keys,
+tolerant enums, unknown keys ignored. Models -> wire JSON: unset request fields omitted.
+Result lines of batch output/error files are decoded by a plain function, as that is a hot path.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import cattrs
+from cattrs.gen import make_dict_unstructure_fn, override
+from cattrs.preconf.orjson import make_converter
+
+from ._errors import APIResponseValidationError
+from ._models import (
+    BatchJob,
+    BatchJobStatus,
+    BatchRequest,
+    BatchResult,
+    FileList,
+    FileObject,
+    FilePurpose,
+)
+
+__all__ = [
+    "converter",
+    "parse_timestamp",
+    "result_from_row",
+    "structure",
+    "unstructure",
+]
+
+T = TypeVar("T")
+
+converter = make_converter()
+
+# Python 3.10's fromisoformat knows neither "Z" nor more than 6 fractional digits (Go's output).
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def parse_timestamp(value: Any) -> datetime | None:
+    """A timezone-aware datetime from an ISO-8601 string or a unix timestamp; None for empty."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"not a timestamp: {value!r}")
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        text = _FRACTION.sub(r"\1", text)
+        parsed = datetime.fromisoformat(text)
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    raise ValueError(f"not a timestamp: {value!r}")
+
+
+def _structure_datetime(value: Any, _: Any) -> datetime | None:
+    return parse_timestamp(value)
+
+
+converter.register_structure_hook(datetime, _structure_datetime)
+converter.register_unstructure_hook(datetime, lambda dt: dt.isoformat())
+converter.register_structure_hook(BatchJobStatus, lambda value, _: BatchJobStatus(str(value)))
+converter.register_structure_hook(FilePurpose, lambda value, _: FilePurpose(str(value)))
+converter.register_unstructure_hook(BatchJobStatus, lambda status: status.value)
+converter.register_unstructure_hook(FilePurpose, lambda purpose: purpose.value)
+
+# FileResponse spells some keys capitalised; accept the snake_case forms too.
+_FILE_KEY_ALIASES = {"FileType": "file_type", "Processed": "processed", "LineCount": "line_count"}
+_structure_file_plain = converter.get_structure_hook(FileObject)
+
+
+def _structure_file(value: Any, _: Any) -> FileObject:
+    if isinstance(value, dict):
+        value = {_FILE_KEY_ALIASES.get(key, key): item for key, item in value.items()}
+    return _structure_file_plain(value, FileObject)  # type: ignore[no-any-return]
+
+
+converter.register_structure_hook(FileObject, _structure_file)
+converter.register_unstructure_hook(
+    BatchRequest,
+    make_dict_unstructure_fn(
+        BatchRequest,
+        converter,
+        method=override(omit_if_default=True),
+        url=override(omit_if_default=True),
+    ),
+)
+
+
+def structure(value: Any, cls: type[T]) -> T:
+    """Turn decoded wire JSON into a model, or raise APIResponseValidationError saying where."""
+    try:
+        return converter.structure(value, cls)
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
+        if isinstance(exc, cattrs.BaseValidationError):
+            detail = "; ".join(cattrs.transform_error(exc))
+        else:
+            detail = str(exc)
+        raise APIResponseValidationError(
+            f"unexpected {cls.__name__} in response: {detail}"
+        ) from None
+
+
+def structure_file_list(value: Any) -> FileList:
+    """`GET /files` answers `{"data": [...]}`; a bare array is accepted too."""
+    if isinstance(value, list):
+        value = {"data": value}
+    return structure(value, FileList)
+
+
+def unstructure(value: Any) -> Any:
+    """A model as plain JSON-ready data (datetimes as ISO strings, enums as their values)."""
+    return converter.unstructure(value)
+
+
+def result_from_row(row: Any, *, batch_id: str | None = None) -> BatchResult:
+    """One decoded line of an output or error file as a BatchResult.
+
+    Output lines: `{"custom_id", "response": {"status_code", "body"}}` (OpenAI-style lines
+    also carry `"id"` and `"error": null`). Error lines: `{"custom_id", "error": {"message",
+    "code"}}`. Raises ValueError for a line with neither shape.
+    """
+    if not isinstance(row, dict):
+        raise ValueError("result line is not a JSON object")
+    custom_id = row.get("custom_id")
+    if not isinstance(custom_id, str):
+        raise ValueError("result line has no string custom_id")
+    status_code: int | None = None
+    body: Any = None
+    response = row.get("response")
+    if isinstance(response, dict):
+        code = response.get("status_code")
+        status_code = code if isinstance(code, int) and not isinstance(code, bool) else None
+        body = response.get("body")
+    error = row.get("error")
+    error_message: str | None = None
+    error_code: str | None = None
+    if isinstance(error, dict):
+        message = error.get("message")
+        error_message = str(message) if message is not None else "unknown error"
+        code_value = error.get("code")
+        error_code = str(code_value) if code_value is not None else None
+    elif isinstance(error, str):
+        error_message = error
+    elif response is None and error is None:
+        raise ValueError(f"result line for {custom_id!r} has neither response nor error")
+    if error_message is None and status_code is not None and status_code >= 400:
+        error_message = _message_from_body(body) or f"HTTP {status_code}"
+    return BatchResult(
+        custom_id=custom_id,
+        status_code=status_code,
+        body=body,
+        error_message=error_message,
+        error_code=error_code,
+        batch_id=batch_id,
+    )
+
+
+def _message_from_body(body: Any) -> str | None:
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message") is not None:
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    return None

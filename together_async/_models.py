@@ -1,0 +1,282 @@
+"""The data classes of the files and batches API: frozen, keyword-only attrs classes.
+
+Serialization rules (renamed keys, timestamp forms, tolerant enums) live in `_convert.py`,
+not here. API-owned string sets (statuses, purposes) are enums that accept unknown values,
+because the server can add a value at any time.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "BatchEndpoint",
+    "BatchJob",
+    "BatchJobStatus",
+    "BatchRequest",
+    "BatchResult",
+    "DownloadedFile",
+    "FileDeleteResponse",
+    "FileList",
+    "FileObject",
+    "FilePurpose",
+]
+
+
+class _TolerantStrEnum(str, enum.Enum):
+    """A str enum that parses case-insensitively and keeps unknown values instead of raising."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> _TolerantStrEnum | None:
+        if not isinstance(value, str):
+            return None
+        normalised = cls._normalise(value)
+        for member in cls:
+            if member.value == normalised:
+                return member
+        aliased = cls._aliases().get(normalised)
+        if aliased is not None:
+            return cls(aliased)
+        # An unknown value: a pseudo-member that keeps the server's raw string.
+        pseudo = str.__new__(cls, value)
+        pseudo._name_ = value
+        pseudo._value_ = value
+        return pseudo
+
+    @classmethod
+    def _normalise(cls, value: str) -> str:
+        return value
+
+    @classmethod
+    def _aliases(cls) -> dict[str, str]:
+        return {}
+
+    @property
+    def is_known(self) -> bool:
+        """False for a value this version of the library has never heard of."""
+        return self._name_ in type(self).__members__
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class BatchJobStatus(_TolerantStrEnum):
+    """The status of a batch job, as Together spells it (uppercase).
+
+    Parsing is case-insensitive, so the seed docs' OpenAI-style lowercase values work too,
+    and an unknown value is kept as it came rather than raising. Members compare equal to
+    their string: `job.status == "COMPLETED"`.
+    """
+
+    VALIDATING = "VALIDATING"
+    IN_PROGRESS = "IN_PROGRESS"
+    FINALIZING = "FINALIZING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    EXPIRED = "EXPIRED"
+    CANCELING = "CANCELING"
+    CANCELLED = "CANCELLED"
+
+    @classmethod
+    def _normalise(cls, value: str) -> str:
+        return value.strip().upper()
+
+    @classmethod
+    def _aliases(cls) -> dict[str, str]:
+        return {"CANCELLING": "CANCELING", "CANCELED": "CANCELLED"}
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the job can no longer change: COMPLETED, FAILED, EXPIRED or CANCELLED."""
+        return self.value in _TERMINAL
+
+
+_TERMINAL = frozenset({"COMPLETED", "FAILED", "EXPIRED", "CANCELLED"})
+
+
+class FilePurpose(_TolerantStrEnum):
+    """What a file is for. Unknown purposes are kept as they came."""
+
+    BATCH_API = "batch-api"
+    BATCH_GENERATED = "batch-generated"
+    FINE_TUNE = "fine-tune"
+    EVAL = "eval"
+    EVAL_SAMPLE = "eval-sample"
+    EVAL_OUTPUT = "eval-output"
+    EVAL_SUMMARY = "eval-summary"
+    CALIBRATION = "calibration"
+
+    @classmethod
+    def _normalise(cls, value: str) -> str:
+        return value.strip().lower()
+
+
+class BatchEndpoint(str, enum.Enum):
+    """The endpoints a batch job can run against."""
+
+    CHAT_COMPLETIONS = "/v1/chat/completions"
+    COMPLETIONS = "/v1/completions"
+    EMBEDDINGS = "/v1/embeddings"
+    AUDIO_TRANSCRIPTIONS = "/v1/audio/transcriptions"
+    AUDIO_TRANSLATIONS = "/v1/audio/translations"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+@attrs.frozen(kw_only=True)
+class BatchJob:
+    """A batch job: Together's fields plus the OpenAI-style fields of the seed docs.
+
+    Everything but `id` may be missing from a given response. `warning` is the server's
+    warning from `create_batch`, when it sent one.
+    """
+
+    id: str
+    status: BatchJobStatus | None = None
+    user_id: str | None = None
+    input_file_id: str | None = None
+    file_size_bytes: int | None = None
+    endpoint: str | None = None
+    progress: float | None = None
+    model_id: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    error: str | None = None
+    created_at: datetime | None = None
+    job_deadline: datetime | None = None
+    completed_at: datetime | None = None
+    # OpenAI-style fields (the seed docs' shape).
+    object: str | None = None
+    errors: Any = None
+    completion_window: str | None = None
+    request_counts: dict[str, int] | None = None
+    in_progress_at: datetime | None = None
+    expires_at: datetime | None = None
+    finalizing_at: datetime | None = None
+    failed_at: datetime | None = None
+    expired_at: datetime | None = None
+    cancelling_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    warning: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        """True when the status is COMPLETED, FAILED, EXPIRED or CANCELLED."""
+        return self.status is not None and self.status.is_terminal
+
+
+@attrs.frozen(kw_only=True)
+class FileObject:
+    """A file stored by the API (the spec's FileResponse)."""
+
+    id: str
+    object: str | None = "file"
+    created_at: datetime | None = None
+    filename: str | None = None
+    bytes: int | None = None
+    purpose: FilePurpose | None = None
+    file_type: str | None = None
+    processed: bool | None = None
+    line_count: int | None = None
+    processing_status: str | None = None
+    validation_report: dict[str, Any] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class FileList:
+    """The answer of `GET /files`: iterate it or read `.data`."""
+
+    data: list[FileObject] = attrs.field(factory=list)
+
+    def __iter__(self) -> Any:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+@attrs.frozen(kw_only=True)
+class FileDeleteResponse:
+    """The answer of `DELETE /files/{id}`."""
+
+    id: str
+    deleted: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class DownloadedFile:
+    """A remote file written to local disk by `files.retrieve_content`."""
+
+    id: str
+    path: Path
+    bytes: int
+
+    @property
+    def filename(self) -> str:
+        """The local path as a string."""
+        return str(self.path)
+
+
+@attrs.frozen(kw_only=True)
+class BatchRequest:
+    """One line of a batch input file. `method` and `url` are omitted on the wire when unset."""
+
+    custom_id: str
+    body: dict[str, Any]
+    method: str | None = None
+    url: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class BatchResult:
+    """The outcome of one request of a batch, from its output file or its error file.
+
+    A row is `ok` when it has a 2xx status and no error. Rows from the error file carry
+    `error_message` and `error_code` and usually no status.
+    """
+
+    custom_id: str
+    status_code: int | None = None
+    body: Any = None
+    error_message: str | None = None
+    error_code: str | None = None
+    batch_id: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True for a 2xx response with no error."""
+        return (
+            self.error_message is None
+            and self.status_code is not None
+            and 200 <= self.status_code < 300
+        )
+
+    @property
+    def text(self) -> str | None:
+        """The text of a chat or text completion (first choice), or None."""
+        body = self.body
+        if not isinstance(body, dict):
+            return None
+        choices = body.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return None
+        first = choices[0]
+        message = first.get("message")
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            return str(message["content"])
+        text = first.get("text")
+        return text if isinstance(text, str) else None
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """The response's token usage (empty when it has none)."""
+        body = self.body
+        if isinstance(body, dict) and isinstance(body.get("usage"), dict):
+            return {k: v for k, v in body["usage"].items() if isinstance(v, int)}
+        return {}
