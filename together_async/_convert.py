@@ -17,7 +17,6 @@ from cattrs.preconf.orjson import make_converter
 
 from ._errors import APIResponseValidationError
 from ._models import (
-    BatchJob,
     BatchJobStatus,
     BatchRequest,
     BatchResult,
