@@ -23,6 +23,7 @@ from ._errors import (
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
+    StatusPollError,
     TogetherError,
     UnprocessableEntityError,
     UnsafeURLError,
@@ -40,6 +41,8 @@ from ._models import (
     FileObject,
     FilePurpose,
 )
+from .progress import BatchesProgressBar, BatchProgressBar
+from .watch import BatchWatcher
 
 __version__ = "0.1.0"
 
@@ -55,8 +58,11 @@ __all__ = [
     "BatchFileError",
     "BatchJob",
     "BatchJobStatus",
+    "BatchProgressBar",
     "BatchRequest",
     "BatchResult",
+    "BatchWatcher",
+    "BatchesProgressBar",
     "ClientClosedError",
     "ConflictError",
     "DownloadedFile",
@@ -71,6 +77,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "StatusPollError",
     "TogetherError",
     "UnprocessableEntityError",
     "UnsafeURLError",

@@ -19,8 +19,9 @@
         │   ├── RateLimitError             429
         │   └── InternalServerError        >= 500
         ├── APIResponseValidationError a 2xx answer whose body is not what the protocol promises
-        └── APIConnectionError         no usable answer: refused, reset, DNS, TLS
-            └── APITimeoutError        the request timed out
+        ├── APIConnectionError         no usable answer: refused, reset, DNS, TLS
+        │   └── APITimeoutError        the request timed out
+        └── StatusPollError            watching a batch gave up after a long run of failed polls
 
 No aiohttp exception escapes the public API: the transport translates them at one boundary.
 No message built here ever contains the API key.
@@ -48,6 +49,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "StatusPollError",
     "TogetherError",
     "UnprocessableEntityError",
     "UnsafeURLError",
@@ -144,6 +146,23 @@ class APIConnectionError(APIError):
 
 class APITimeoutError(APIConnectionError):
     """The request timed out."""
+
+
+class StatusPollError(APIError):
+    """Watching a batch gave up: too many status polls in a row failed (the last one is chained).
+
+    A single failed poll never raises this; it only means the API could not be reached for a
+    long while. The job itself may be running fine.
+
+    Attributes:
+        batch_ids: the jobs that were being watched and are not finished yet.
+        failures: how many polls in a row failed.
+    """
+
+    def __init__(self, message: str, *, batch_ids: tuple[str, ...], failures: int) -> None:
+        super().__init__(message)
+        self.batch_ids = batch_ids
+        self.failures = failures
 
 
 class APIStatusError(APIError):
