@@ -172,10 +172,19 @@ class BatchWatcher:
 
     Example:
         watcher = BatchWatcher(client.batches, open_ended=True)
-        watcher.add(job.id)        # from any task, at any time before the end
+        watcher.add(job.id)        # from any task of the loop, at any time before the end
         watcher.seal()             # no more ids
         async for job in watcher:
             print(job.id, job.status, job.progress)
+
+    Args:
+        batches: `client.batches`, or anything with `get_batch` and `list_batches`.
+        ids: the jobs to watch from the start.
+        open_ended: True to keep watching, even with every job finished, until `seal()`.
+        poll_interval, max_interval, backoff, max_consecutive_failures: see `PollSchedule`.
+        max_concurrent_gets: the most `get_batch` calls in flight for ids the list lacks.
+        progress: True for an aggregate progress bar (needs the `progress` extra), or any
+            `JobObserver` to feed.
     """
 
     def __init__(
@@ -191,15 +200,6 @@ class BatchWatcher:
         max_concurrent_gets: int = 8,
         progress: bool | JobObserver = False,
     ) -> None:
-        """Args:
-        batches: `client.batches`, or anything with `get_batch` and `list_batches`.
-        ids: the jobs to watch from the start.
-        open_ended: True to keep watching, even with every job finished, until `seal()`.
-        poll_interval, max_interval, backoff, max_consecutive_failures: see `PollSchedule`.
-        max_concurrent_gets: the most `get_batch` calls in flight for ids the list lacks.
-        progress: True for an aggregate progress bar (needs the `progress` extra), or any
-            `JobObserver` to feed.
-        """
         if isinstance(ids, str):
             raise InvalidArgumentError("ids must be a collection of batch ids, not one string")
         if (
