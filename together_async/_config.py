@@ -1,0 +1,141 @@
+"""Client settings from arguments and the environment: the API key, the base URL forms,
+timeouts and the retry policy. Pure: reading it touches neither the network nor the disk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+
+from ._errors import InvalidArgumentError
+
+__all__ = ["DEFAULT_BASE_URL", "ClientConfig", "normalise_base_url"]
+
+DEFAULT_BASE_URL = "https://api.together.ai/v1"
+API_KEY_ENV = "TOGETHER_API_KEY"
+BASE_URL_ENV = "TOGETHER_BASE_URL"
+
+
+def normalise_base_url(url: str) -> str:
+    """The API root without a trailing slash; a URL with no path means `<host>/v1`.
+
+    The older official SDK reads `TOGETHER_BASE_URL` as ending in `/v1`, the current one as the
+    bare host; accepting both lets either form of the variable work here.
+    """
+    text = url.strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidArgumentError(
+            f"base_url must be an http(s) URL such as {DEFAULT_BASE_URL!r}, got {url!r}"
+        )
+    if parts.query or parts.fragment:
+        raise InvalidArgumentError(f"base_url must not carry a query or fragment: {url!r}")
+    path = parts.path.rstrip("/")
+    if not path:
+        path = "/v1"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def _check_positive(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentError(f"{name} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise InvalidArgumentError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_retries(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgumentError(f"{name} must be an int >= 0, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ClientConfig:
+    """Everything an AsyncTogether needs to know before it sends a request.
+
+    Build it with `ClientConfig.from_arguments(...)`, which applies the environment defaults.
+    The key is kept out of repr() on purpose.
+
+    Attributes:
+        api_key: the bearer token, or None (the first call that needs it then raises
+            MissingAPIKeyError).
+        base_url: the API root, always ending in a path such as `/v1`, no trailing slash.
+        timeout: seconds to wait to connect and between two reads of a response.
+        max_retries: retries after the first attempt (0 disables retrying).
+        retry_wait_initial: the first backoff in seconds; it doubles per retry.
+        retry_wait_max: the longest backoff in seconds.
+        retry_wait_jitter: up to this many random seconds are added to each backoff.
+        retry_after_max: the longest server-requested wait (Retry-After) that is honoured;
+            a longer one falls back to the exponential backoff.
+        create_reconcile_skew: seconds of clock skew allowed when looking for a job that an
+            ambiguously failed `create_batch` may have made.
+    """
+
+    api_key: str | None = attrs.field(repr=False, default=None)
+    base_url: str = DEFAULT_BASE_URL
+    timeout: float = 60.0
+    max_retries: int = 5
+    retry_wait_initial: float = 0.5
+    retry_wait_max: float = 30.0
+    retry_wait_jitter: float = 1.0
+    retry_after_max: float = 60.0
+    create_reconcile_skew: float = 300.0
+
+    def __attrs_post_init__(self) -> None:
+        _check_positive("timeout", self.timeout)
+        if self.timeout <= 0:
+            raise InvalidArgumentError(f"timeout must be > 0 seconds, got {self.timeout!r}")
+        _check_retries("max_retries", self.max_retries)
+        for name in (
+            "retry_wait_initial",
+            "retry_wait_max",
+            "retry_wait_jitter",
+            "retry_after_max",
+            "create_reconcile_skew",
+        ):
+            _check_positive(name, getattr(self, name))
+        if self.api_key is not None and not isinstance(self.api_key, str):
+            raise InvalidArgumentError("api_key must be a string")
+
+    @classmethod
+    def from_arguments(
+        cls,
+        api_key: str | None = None,
+        *,
+        base_url: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        environ: Mapping[str, str] | None = None,
+    ) -> ClientConfig:
+        """Arguments first, then `TOGETHER_API_KEY` / `TOGETHER_BASE_URL`, then the defaults.
+
+        An empty environment variable counts as unset.
+        """
+        env = os.environ if environ is None else environ
+        key = api_key if api_key is not None else (env.get(API_KEY_ENV) or None)
+        if key is not None:
+            if not isinstance(key, str):
+                raise InvalidArgumentError("api_key must be a string")
+            key = key.strip() or None
+        url = base_url if base_url is not None else (env.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
+        return cls(
+            api_key=key,
+            base_url=normalise_base_url(url),
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+
+    def attempts_for(self, max_retries: int | None) -> int:
+        """Total attempts for one call: the per-call override, else the client's setting, plus 1."""
+        if max_retries is None:
+            return self.max_retries + 1
+        _check_retries("max_retries", max_retries)
+        return max_retries + 1
+
+    def __str__(self) -> str:
+        return repr(self)

@@ -1,0 +1,435 @@
+"""The pure part of the wire protocol: URLs, headers, error mapping from (status, headers, body),
+Retry-After parsing, retry decisions and the presigned-URL safety check.
+
+Nothing here does I/O or needs an event loop, so all of it is tested synchronously.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import html
+import ipaddress
+import platform
+import re
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import quote, urljoin, urlsplit
+
+import orjson
+
+from ._errors import (
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    APIStatusError,
+    InvalidArgumentError,
+    TogetherError,
+    UnsafeURLError,
+    status_error_class,
+)
+
+__all__ = [
+    "RETRYABLE_STATUSES",
+    "api_url",
+    "auth_headers",
+    "check_upload_url",
+    "decode_json",
+    "error_from_response",
+    "get_header",
+    "is_ambiguous_create_failure",
+    "is_api_url",
+    "is_retryable_status",
+    "parse_content_range",
+    "parse_retry_after",
+    "request_id_from",
+    "require_id",
+    "resolve_location",
+    "retry_backoff",
+    "unwrap_job",
+    "user_agent",
+    "with_context",
+]
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_MESSAGE_LIMIT = 500
+
+
+def user_agent() -> str:
+    """The User-Agent sent with every request."""
+    from . import __version__
+
+    return f"together-async/{__version__} Python/{platform.python_version()}"
+
+
+def auth_headers(api_key: str) -> dict[str, str]:
+    """The headers that authenticate a request to the API host (and only to it)."""
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+def require_id(value: object, what: str) -> str:
+    """Return `value` if it is a usable id, else raise InvalidArgumentError before any request."""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{what} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidArgumentError(f"{what} must not be empty")
+    return value
+
+
+def api_url(base_url: str, *segments: str) -> str:
+    """`base_url` joined with path segments, each percent-quoted (so an id cannot add a path)."""
+    path = "/".join(quote(segment, safe="") for segment in segments)
+    return f"{base_url.rstrip('/')}/{path}"
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None:
+        port = {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def is_api_url(url: str, base_url: str) -> bool:
+    """True when `url` has the API's scheme, host and port: only then may it carry the key."""
+    return _origin(url) == _origin(base_url)
+
+
+def get_header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header's value by case-insensitive name, or None."""
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lowered = name.lower()
+    for key, item in headers.items():
+        if key.lower() == lowered:
+            return item
+    return None
+
+
+def request_id_from(headers: Mapping[str, str]) -> str | None:
+    """The server's request id: `x-request-id`, else `cf-ray` (what older clients read)."""
+    for name in ("x-request-id", "request-id", "cf-ray"):
+        value = get_header(headers, name)
+        if value:
+            return value.strip()
+    return None
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: datetime | None = None) -> float | None:
+    """Seconds the server asked us to wait: `retry-after-ms`, else `Retry-After` (seconds or an
+    HTTP date). None when absent or unreadable; never negative."""
+    millis = get_header(headers, "retry-after-ms")
+    if millis is not None:
+        try:
+            value = float(millis.strip()) / 1000.0
+        except ValueError:
+            value = None
+        if value is not None and value == value and value >= 0 and value != float("inf"):
+            return value
+    raw = get_header(headers, "retry-after")
+    if raw is None:
+        return None
+    text = raw.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if seconds != seconds or seconds == float("inf"):
+            return None
+        return max(seconds, 0.0)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    current = now if now is not None else datetime.now(timezone.utc)
+    return max((when - current).total_seconds(), 0.0)
+
+
+def is_retryable_status(status: int) -> bool:
+    """408, 409, 429 and every 5xx are worth another attempt."""
+    return status in RETRYABLE_STATUSES or status >= 500
+
+
+def retry_backoff(exc: Exception, *, retry_after_max: float) -> bool | float:
+    """The stamina backoff hook: False to give up, True for the exponential backoff, or the
+    seconds the server asked for (Retry-After) when that is at most `retry_after_max`."""
+    if isinstance(exc, APIStatusError):
+        if not is_retryable_status(exc.status_code):
+            return False
+        wait = exc.retry_after
+        if wait is not None and 0 <= wait <= retry_after_max:
+            return float(wait)
+        return True
+    return isinstance(exc, APIConnectionError)
+
+
+def is_ambiguous_create_failure(exc: Exception) -> bool:
+    """True when a failed POST may still have been acted on by the server: a timeout, a dropped
+    connection or a 5xx. A 408 or 429 means the server did not process it."""
+    if isinstance(exc, APIStatusError):
+        return exc.status_code >= 500
+    return isinstance(exc, APIConnectionError)
+
+
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]+>")
+_SPACE = re.compile(r"\s+")
+
+
+def _shorten(text: str) -> str:
+    text = _SPACE.sub(" ", text).strip()
+    if len(text) > _MESSAGE_LIMIT:
+        return text[: _MESSAGE_LIMIT - 3] + "..."
+    return text
+
+
+def _message_from_json(payload: Any) -> str | None:
+    if isinstance(payload, str):
+        return payload or None
+    if not isinstance(payload, dict):
+        return None
+    error = payload.get("error")
+    if isinstance(error, str) and error:
+        return error
+    if isinstance(error, dict):
+        message = error.get("message")
+        if message:
+            return str(message)
+        for key in ("type", "code"):
+            if error.get(key):
+                return str(error[key])
+    for key in ("message", "detail", "msg"):
+        value = payload.get(key)
+        if isinstance(value, str) and value:
+            return value
+        if value:
+            return orjson.dumps(value).decode()
+    return None
+
+
+def _message_from_text(body: bytes) -> str | None:
+    title = _TITLE.search(body)
+    if title:
+        text = html.unescape(title.group(1).decode("utf-8", "replace"))
+        if text.strip():
+            return _shorten(text)
+    text = body.decode("utf-8", "replace")
+    if "<" in text and ">" in text:
+        text = html.unescape(_TAG.sub(" ", text))
+    shortened = _shorten(text)
+    return shortened or None
+
+
+def _decode_error_body(body: bytes) -> tuple[Any, str | None]:
+    if not body.strip():
+        return None, None
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace"), _message_from_text(body)
+    return payload, _message_from_json(payload)
+
+
+def _route(method: str, url: str) -> str:
+    # The path only: a presigned URL's query string is a credential.
+    return f"{method.upper()} {urlsplit(url).path or '/'}"
+
+
+def error_from_response(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    method: str = "",
+    url: str = "",
+    now: datetime | None = None,
+) -> APIStatusError:
+    """The exception for an error answer, with the server's message in all three body shapes:
+    `{"error": "text"}`, `{"error": {"message": ...}}`, and non-JSON text or HTML."""
+    decoded, message = _decode_error_body(body)
+    if message is None:
+        try:
+            message = HTTPStatus(status).phrase
+        except ValueError:
+            message = f"HTTP {status}"
+    if method and url:
+        message = f"{message} ({_route(method, url)})"
+    return status_error_class(status)(
+        message,
+        status_code=status,
+        body=decoded,
+        request_id=request_id_from(headers),
+        retry_after=parse_retry_after(headers, now=now),
+    )
+
+
+def with_context(exc: TogetherError, context: str) -> TogetherError:
+    """An error of the same kind whose message starts with `context` (what was left behind,
+    what to do), keeping the status, body, request id and Retry-After."""
+    text = f"{context}: {exc}"
+    if isinstance(exc, APIStatusError):
+        return type(exc)(
+            text,
+            status_code=exc.status_code,
+            body=exc.body,
+            request_id=exc.request_id,
+            retry_after=exc.retry_after,
+        )
+    if isinstance(exc, (APIConnectionError, APIResponseValidationError)):
+        return type(exc)(text, request_id=exc.request_id)
+    if isinstance(exc, APIError):
+        return APIError(text, request_id=exc.request_id)
+    if isinstance(exc, UnsafeURLError):
+        return UnsafeURLError(text)
+    return TogetherError(text)
+
+
+def decode_json(body: bytes, *, what: str) -> Any:
+    """Decode a success body, or raise APIResponseValidationError naming what was expected."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        preview = _shorten(body[:200].decode("utf-8", "replace"))
+        raise APIResponseValidationError(
+            f"{what}: the response is not JSON ({exc}): {preview!r}"
+        ) from None
+
+
+def unwrap_job(payload: Any) -> tuple[Any, str | None]:
+    """`POST /batches` answers `{"job": {...}, "warning": "..."}`; a bare job is accepted too.
+    Returns the job's JSON and the warning (None when there is none)."""
+    if isinstance(payload, dict) and isinstance(payload.get("job"), dict):
+        warning = payload.get("warning")
+        return payload["job"], (str(warning) if warning else None)
+    return payload, None
+
+
+def resolve_location(current_url: str, location: str) -> str:
+    """A redirect's absolute target (a Location may be relative to the URL that answered)."""
+    return urljoin(current_url, location.strip())
+
+
+_METADATA_HOSTS = frozenset(
+    {
+        "metadata.google.internal",
+        "metadata.goog",
+        "metadata",
+        "instance-data",
+        "instance-data.ec2.internal",
+    }
+)
+_BLOCKED_NETWORKS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+    ipaddress.ip_network("0.0.0.0/8"),  # "this network", incl. the unspecified address
+    ipaddress.ip_network("169.254.0.0/16"),  # link-local, where AWS/GCP/Azure metadata live
+    ipaddress.ip_network("100.100.100.200/32"),  # Alibaba Cloud metadata
+    ipaddress.ip_network("192.0.0.192/32"),  # Oracle Cloud metadata
+    ipaddress.ip_network("::/128"),  # unspecified
+    ipaddress.ip_network("fe80::/10"),  # link-local
+    ipaddress.ip_network("fd00:ec2::254/128"),  # AWS metadata over IPv6
+)
+
+
+def _ipv4_component(part: str) -> int | None:
+    # inet_aton accepts hex and octal components, so "0xa9.0376.169.254" reaches 169.254.169.254.
+    if not part:
+        return None
+    try:
+        if part.lower().startswith("0x"):
+            return int(part[2:], 16) if len(part) > 2 else 0
+        if len(part) > 1 and part.startswith("0"):
+            return int(part[1:], 8)
+        return int(part, 10) if part.isdecimal() else None
+    except ValueError:
+        return None
+
+
+def _loose_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """Parse IPv4 the way getaddrinfo does: `127.1`, `2852039166`, `0xa9fea9fe` all count."""
+    parts = host.split(".")
+    if not 1 <= len(parts) <= 4:
+        return None
+    numbers = [_ipv4_component(part) for part in parts]
+    if any(number is None for number in numbers):
+        return None
+    values = [number for number in numbers if number is not None]
+    *head, last = values
+    if any(value > 0xFF for value in head) or last >= 256 ** (4 - len(head)):
+        return None
+    address = 0
+    for value in head:
+        address = (address << 8) | value
+    address = (address << (8 * (4 - len(head)))) | last
+    return ipaddress.IPv4Address(address)
+
+
+def _host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return _loose_ipv4(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def check_upload_url(url: str, *, api_base_url: str) -> str:
+    """Return `url` if the file may be sent there, else raise UnsafeURLError.
+
+    Rules: https, unless the API itself is plain http (a local emulator); a host is required;
+    no user:password in the URL; no cloud-metadata, link-local or unspecified targets.
+    Loopback and private addresses stay allowed, so on-premises storage and local test servers
+    work. DNS is not resolved: this guards against a hostile Location, not a hostile resolver.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    api_scheme = urlsplit(api_base_url).scheme.lower()
+    allowed = {"https", "http"} if api_scheme == "http" else {"https"}
+    shown = _route("PUT", url).split(" ", 1)[1]
+    if scheme not in allowed:
+        raise UnsafeURLError(
+            f"refusing to upload to a {scheme or 'scheme-less'} URL ({parts.hostname}{shown}): "
+            "https is required when the API base URL is https"
+        )
+    host = (parts.hostname or "").rstrip(".").lower()
+    if not host:
+        raise UnsafeURLError("refusing to upload to a URL without a host")
+    if parts.username is not None or parts.password is not None:
+        raise UnsafeURLError(f"refusing to upload to a URL with credentials in it (host {host})")
+    if host in _METADATA_HOSTS:
+        raise UnsafeURLError(f"refusing to upload to the cloud metadata host {host}")
+    address = _host_address(host)
+    if address is not None:
+        if address.is_unspecified or any(address in net for net in _BLOCKED_NETWORKS):
+            raise UnsafeURLError(
+                f"refusing to upload to {address}: a link-local, metadata or unspecified address"
+            )
+    return url
+
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+
+
+def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """`bytes START-END/TOTAL` as (start, end, total or None); None if absent or malformed."""
+    if not value:
+        return None
+    match = _CONTENT_RANGE.match(value)
+    if not match:
+        return None
+    start, end = int(match.group(1)), int(match.group(2))
+    total = None if match.group(3) == "*" else int(match.group(3))
+    if end < start:
+        return None
+    return start, end, total
