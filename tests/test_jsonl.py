@@ -82,9 +82,13 @@ async def collect(items: AsyncIterator[Any]) -> list[Any]:
     return [item async for item in items]
 
 
-# Line contents: any text but "\n", weighted towards CR and multi-byte UTF-8.
+utf8_chars = st.characters(codec="utf-8")  # no lone surrogates: they are not UTF-8
+
+# Line contents: any encodable text but "\n", weighted towards CR and multi-byte UTF-8.
 line_text = st.text(
-    alphabet=st.one_of(st.sampled_from('\r{}"a é€😀'), st.characters(exclude_characters="\n")),
+    alphabet=st.one_of(
+        st.sampled_from('\r{}"a é€😀'), st.characters(codec="utf-8", exclude_characters="\n")
+    ),
     max_size=30,
 )
 
@@ -106,9 +110,10 @@ json_values = st.recursive(
     | st.booleans()
     | st.integers(-(2**63), 2**63 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(),
+    | st.text(utf8_chars),
     lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(utf8_chars, max_size=8), children, max_size=4)
     ),
     max_leaves=12,
 )
