@@ -93,7 +93,7 @@ class LineSplitter:
         self._pending = [tail] if tail else []
         self._pending_size = len(tail)
         if self._max_line_bytes is not None:
-            self._check_lines(lines)
+            self._check_lines(lines, self._max_line_bytes)
         self._lines_done += len(lines)
         self._check_pending()
         return lines
@@ -108,10 +108,9 @@ class LineSplitter:
         self._lines_done += 1
         return line
 
-    def _check_lines(self, lines: list[bytes]) -> None:
-        assert self._max_line_bytes is not None
-        if max(map(len, lines)) > self._max_line_bytes:
-            index = next(i for i, line in enumerate(lines) if len(line) > self._max_line_bytes)
+    def _check_lines(self, lines: list[bytes], limit: int) -> None:
+        if max(map(len, lines)) > limit:
+            index = next(i for i, line in enumerate(lines) if len(line) > limit)
             self._raise_too_long(self._lines_done + index + 1)
 
     def _check_pending(self) -> None:
@@ -153,7 +152,7 @@ class JsonLinesDecoder:
         values = []
         for line in lines:
             self._line_number += 1
-            if not line or line == b"\r" or line.isspace():
+            if not line or line.isspace():  # blank, or a CRLF file's blank line
                 continue
             try:
                 values.append(orjson.loads(line))
