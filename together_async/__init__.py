@@ -5,6 +5,8 @@ Everything a user needs is importable from here; the modules behind it are priva
 
 from __future__ import annotations
 
+from ._client import AsyncTogether
+from ._config import ClientConfig
 from ._errors import (
     APIConnectionError,
     APIError,
@@ -52,6 +54,7 @@ __all__ = [
     "APIResponseValidationError",
     "APIStatusError",
     "APITimeoutError",
+    "AsyncTogether",
     "AuthenticationError",
     "BadRequestError",
     "BatchEndpoint",
@@ -64,6 +67,7 @@ __all__ = [
     "BatchWatcher",
     "BatchesProgressBar",
     "ClientClosedError",
+    "ClientConfig",
     "ConflictError",
     "DownloadedFile",
     "FileDeleteResponse",

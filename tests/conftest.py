@@ -1,0 +1,105 @@
+"""Shared fixtures: fake API servers and clients on loopback, and in-process emulators with
+temporary data dirs and fast time settings."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import stamina
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from emulator_helpers import EMULATOR_KEY, RawAPI
+from http_fakes import SECRET_KEY
+
+from together_async import AsyncTogether
+from together_async.emulator import Emulator
+
+Serve = Callable[[web.Application], Awaitable[TestServer]]
+MakeClient = Callable[..., AsyncTogether]
+MakeEmulator = Callable[..., Awaitable[Emulator]]
+
+
+# -- fake servers and clients -------------------------------------------------------------------
+
+
+@pytest.fixture
+def fast_retries() -> Iterator[None]:
+    """Retries without waiting (stamina's test mode); the client's attempt counts still apply."""
+    with stamina.set_testing(True, attempts=1000, cap=True):
+        yield
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """Start an aiohttp app on a loopback port: `server = await serve(app)`; closed at teardown."""
+    servers: list[TestServer] = []
+
+    async def start(app: web.Application) -> TestServer:
+        server = TestServer(app)
+        await server.start_server()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in reversed(servers):
+        await server.close()
+
+
+@pytest.fixture
+async def make_client() -> AsyncIterator[MakeClient]:
+    """An AsyncTogether for a test server, keyed SECRET_KEY: `make_client(server, **options)`."""
+    clients: list[AsyncTogether] = []
+
+    def make(server: TestServer, **options: Any) -> AsyncTogether:
+        options.setdefault("api_key", SECRET_KEY)
+        client = AsyncTogether(base_url=str(server.make_url("/v1")), **options)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in reversed(clients):
+        await client.aclose()
+
+
+# -- emulators ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def make_emulator(tmp_path: Path) -> AsyncIterator[MakeEmulator]:
+    """A factory of started emulators (closed at teardown): `await make_emulator(latency=0.01)`.
+
+    Defaults: a data dir under tmp_path, the key EMULATOR_KEY, commits every 20 ms.
+    """
+    started: list[Emulator] = []
+
+    async def make(**options: Any) -> Emulator:
+        options.setdefault("data_dir", tmp_path / f"emulator-{len(started)}")
+        options.setdefault("api_key", EMULATOR_KEY)
+        options.setdefault("commit_interval", 0.02)
+        emulator = Emulator(**options)
+        await emulator.start()
+        started.append(emulator)
+        return emulator
+
+    yield make
+    for emulator in reversed(started):
+        await emulator.close()
+
+
+@pytest.fixture
+async def emulator(make_emulator: MakeEmulator) -> Emulator:
+    """An in-process emulator on loopback, echo engine, no latency, key EMULATOR_KEY."""
+    return await make_emulator()
+
+
+@pytest.fixture
+async def api(emulator: Emulator) -> AsyncIterator[RawAPI]:
+    """The `emulator` fixture's API through a bare aiohttp session carrying its key."""
+    async with aiohttp.ClientSession(
+        headers={"Authorization": f"Bearer {emulator.api_key}"}
+    ) as session:
+        yield RawAPI(session, emulator.base_url)

@@ -1,0 +1,249 @@
+"""`client.batches`: create (reconciled, so one call makes at most one job), get, list, cancel,
+and `results`, which streams the rows of a job's output and error files.
+
+The status stream and `wait` live in watch.py; the methods here that expose them only delegate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import orjson
+
+from ._convert import result_from_row, structure
+from ._errors import APIError, APIResponseValidationError, InvalidArgumentError
+from ._models import BatchEndpoint, BatchJob, BatchResult
+from ._protocol import (
+    decode_json,
+    is_ambiguous_create_failure,
+    require_id,
+    unwrap_job,
+    with_context,
+)
+
+if TYPE_CHECKING:
+    from ._client import AsyncTogether
+
+__all__ = ["Batches"]
+
+logger = logging.getLogger("together_async.batches")
+
+
+def _jobs_from_list(payload: Any) -> list[BatchJob]:
+    # The API answers a bare array; an OpenAI-style {"data": [...]} is accepted too.
+    if isinstance(payload, dict) and isinstance(payload.get("data"), list):
+        payload = payload["data"]
+    if not isinstance(payload, list):
+        raise APIResponseValidationError("GET /batches: expected a JSON array of jobs")
+    return structure(payload, list[BatchJob])
+
+
+class Batches:
+    """`client.batches`: create, inspect, cancel batch jobs and read their results."""
+
+    def __init__(self, client: AsyncTogether) -> None:
+        self._client = client
+
+    async def create_batch(
+        self,
+        file_id: str,
+        endpoint: str | BatchEndpoint,
+        *,
+        completion_window: str = "24h",
+        model_id: str | None = None,
+        priority: int | None = None,
+        max_retries: int | None = None,
+    ) -> BatchJob:
+        """Start a batch job on an uploaded file; returns the new job.
+
+        There is no idempotency key in the API, so a request that may have reached the
+        server (a timeout, a dropped connection, a 5xx) is never simply sent again: the jobs
+        are listed first, and a job on the same file and endpoint created since just before
+        the first attempt is returned instead. One call makes at most one job.
+
+        The server's `warning`, if any, is kept on the returned job (`job.warning`) and logged.
+
+        Example:
+            job = await client.batches.create_batch(uploaded.id, "/v1/chat/completions")
+        """
+        input_file_id = require_id(file_id, "file_id")
+        endpoint_value = str(endpoint.value if isinstance(endpoint, BatchEndpoint) else endpoint)
+        if not isinstance(endpoint, (str, BatchEndpoint)) or not endpoint_value.strip():
+            raise InvalidArgumentError("endpoint must be a non-empty string such as "
+                                       "'/v1/chat/completions'")
+        if not isinstance(completion_window, str) or not completion_window.strip():
+            raise InvalidArgumentError("completion_window must be a non-empty string")
+        if model_id is not None and not isinstance(model_id, str):
+            raise InvalidArgumentError("model_id must be a string")
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            raise InvalidArgumentError("priority must be an int")
+        body: dict[str, Any] = {
+            "input_file_id": input_file_id,
+            "endpoint": endpoint_value,
+            "completion_window": completion_window,
+        }
+        if model_id is not None:
+            body["model_id"] = model_id
+        if priority is not None:
+            body["priority"] = priority
+
+        client = self._client
+        url = client._url("batches")
+        since = datetime.now(timezone.utc) - timedelta(seconds=client.config.create_reconcile_skew)
+        maybe_created = False
+
+        async def attempt() -> BatchJob:
+            nonlocal maybe_created
+            if maybe_created:
+                found = await self._find_created(input_file_id, endpoint_value, since)
+                if found is not None:
+                    return found
+            try:
+                response = await client._send_once("POST", url, json=body)
+            except APIError as exc:
+                if is_ambiguous_create_failure(exc):
+                    maybe_created = True
+                raise
+            return self._created_job(decode_json(response.body, what="POST /batches"))
+
+        try:
+            return await client._with_retries(attempt, max_retries=max_retries)
+        except APIError as exc:
+            if not maybe_created:
+                raise
+            failure = exc
+        # The last attempt may itself have created the job: look once more before giving up.
+        try:
+            found = await self._find_created(input_file_id, endpoint_value, since)
+        except APIError as exc:
+            raise with_context(
+                failure,
+                f"create_batch for file {input_file_id} may have created a job, and listing "
+                f"jobs to check failed too ({exc}); check list_batches() before trying again",
+            ) from exc
+        if found is not None:
+            return found
+        raise failure
+
+    def _created_job(self, payload: Any) -> BatchJob:
+        job_payload, warning = unwrap_job(payload)
+        job = structure(job_payload, BatchJob)
+        if warning:
+            logger.warning("create_batch %s: the server warns: %s", job.id, warning)
+            job = attrs.evolve(job, warning=warning)
+        return job
+
+    async def _find_created(
+        self, file_id: str, endpoint: str, since: datetime
+    ) -> BatchJob | None:
+        """The newest job on `file_id` and `endpoint` created at or after `since`, if any.
+
+        A job that does not say when it was made counts as a match: returning it risks less
+        than billing a second job.
+        """
+        candidates = [
+            job
+            for job in await self.list_batches()
+            if job.input_file_id == file_id
+            and (job.endpoint is None or job.endpoint == endpoint)
+            and (job.created_at is None or job.created_at >= since)
+        ]
+        if not candidates:
+            return None
+        oldest = datetime.min.replace(tzinfo=timezone.utc)
+        found = max(candidates, key=lambda job: job.created_at or oldest)
+        logger.warning(
+            "create_batch: a request for file %s failed after it may have reached the server; "
+            "found job %s made for it, returning that instead of creating another",
+            file_id,
+            found.id,
+        )
+        return found
+
+    async def get_batch(self, id: str, *, max_retries: int | None = None) -> BatchJob:
+        """The job with this id."""
+        batch_id = require_id(id, "batch id")
+        client = self._client
+        payload = await client._send_json(
+            "GET", client._url("batches", batch_id), what="GET /batches/{id}",
+            max_retries=max_retries,
+        )
+        return structure(unwrap_job(payload)[0], BatchJob)
+
+    async def list_batches(self, *, max_retries: int | None = None) -> list[BatchJob]:
+        """Every batch job of the account (the API does not paginate this list)."""
+        client = self._client
+        payload = await client._send_json(
+            "GET", client._url("batches"), what="GET /batches", max_retries=max_retries
+        )
+        return _jobs_from_list(payload)
+
+    async def cancel_batch(self, id: str, *, max_retries: int | None = None) -> BatchJob:
+        """Ask the API to cancel a job; returns the job as it is after the request.
+
+        Requests that already finished are billed and still appear in the output file.
+        """
+        batch_id = require_id(id, "batch id")
+        client = self._client
+        payload = await client._send_json(
+            "POST",
+            client._url("batches", batch_id, "cancel"),
+            what="POST /batches/{id}/cancel",
+            max_retries=max_retries,
+        )
+        return structure(unwrap_job(payload)[0], BatchJob)
+
+    def results(
+        self, id_or_job: str | BatchJob, *, max_retries: int | None = None
+    ) -> AsyncIterator[BatchResult]:
+        """Every row of a job's output file and then of its error file, as BatchResult,
+        streamed: memory does not depend on the files' size.
+
+        A COMPLETED job can still have failed rows; judge each by `result.ok`. Pass the job
+        itself to save a `get_batch` call. Close the iterator if you stop early
+        (`contextlib.aclosing`), which releases the connection at once.
+
+        Example:
+            async for result in client.batches.results(job):
+                print(result.custom_id, result.text if result.ok else result.error_message)
+        """
+        if isinstance(id_or_job, BatchJob):
+            job: BatchJob | None = id_or_job
+            batch_id = require_id(id_or_job.id, "batch id")
+        else:
+            job = None
+            batch_id = require_id(id_or_job, "batch id")
+        return self._results(batch_id, job, max_retries)
+
+    async def _results(
+        self, batch_id: str, job: BatchJob | None, max_retries: int | None
+    ) -> AsyncIterator[BatchResult]:
+        if job is None or (job.output_file_id is None and job.error_file_id is None):
+            job = await self.get_batch(batch_id, max_retries=max_retries)
+        for file_id in (job.output_file_id, job.error_file_id):
+            if not file_id:
+                continue
+            lines = self._client.files._iter_lines(file_id, max_retries)
+            async with contextlib.aclosing(lines):
+                number = 0
+                async for line in lines:
+                    number += 1
+                    if not line.strip():
+                        continue
+                    yield _result_from_line(line, file_id=file_id, line=number, batch_id=batch_id)
+
+
+def _result_from_line(data: bytes, *, file_id: str, line: int, batch_id: str) -> BatchResult:
+    try:
+        return result_from_row(orjson.loads(data), batch_id=batch_id)
+    except orjson.JSONDecodeError as exc:
+        problem = f"not valid JSON ({exc.msg})"
+    except ValueError as exc:
+        problem = str(exc)
+    raise APIResponseValidationError(f"batch {batch_id}: file {file_id} line {line}: {problem}")
+

@@ -1,0 +1,578 @@
+"""`client.files`: upload (the presigned flow, with the multipart route as a fallback), retrieve,
+list, delete, and downloads that stream to disk or to the caller and resume with Range.
+
+All file I/O runs in worker threads, about 1 MiB at a time; nothing reads a whole file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import secrets
+import stat as stat_module
+import tempfile
+from collections.abc import AsyncGenerator, AsyncIterator, Generator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Union
+
+import anyio
+import anyio.to_thread
+
+from ._convert import structure, structure_file_list
+from ._errors import (
+    APIConnectionError,
+    APIResponseValidationError,
+    InvalidArgumentError,
+    TogetherError,
+)
+from ._jsonl import CHUNK_SIZE, aiter_json, aiter_lines, check_batch_chunks, raise_for_problems
+from ._models import DownloadedFile, FileDeleteResponse, FileList, FileObject, FilePurpose
+from ._protocol import (
+    REDIRECT_STATUSES,
+    check_upload_url,
+    decode_json,
+    error_from_response,
+    get_header,
+    parse_content_range,
+    require_id,
+    resolve_location,
+    user_agent,
+    with_context,
+)
+from ._transport import FormField, Response
+
+if TYPE_CHECKING:
+    from ._client import AsyncTogether
+
+__all__ = ["Files", "UploadInput"]
+
+logger = logging.getLogger("together_async.files")
+
+#: What `files.upload` accepts: a path, the bytes themselves, or a binary file object.
+UploadInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO]
+
+MAX_UPLOAD_REDIRECTS = 5
+# A download that keeps making progress may resume this often before we give up on it.
+MAX_DOWNLOAD_RESUMES = 100
+_BATCH_API = FilePurpose.BATCH_API.value
+
+
+class _UploadSource:
+    """The bytes to upload, readable from the start as often as needed (once per attempt and
+    redirect hop), one chunk at a time in a worker thread."""
+
+    def __init__(
+        self,
+        *,
+        label: str,
+        name: str,
+        size: int,
+        path: Path | None = None,
+        data: bytes | None = None,
+        fileobj: BinaryIO | None = None,
+        start: int = 0,
+        temporary: bool = False,
+    ) -> None:
+        self.label = label
+        self.name = name
+        self.size = size
+        self._path = path
+        self._data = data
+        self._fileobj = fileobj
+        self._start = start
+        self._temporary = temporary
+
+    @classmethod
+    async def open(cls, file: Any, filename: str | None) -> _UploadSource:
+        if isinstance(file, (str, os.PathLike)):
+            path = Path(file)
+            try:
+                stat = await anyio.Path(path).stat()
+            except OSError as exc:
+                raise InvalidArgumentError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            if not stat_module.S_ISREG(stat.st_mode):
+                raise InvalidArgumentError(f"{path} is not a regular file")
+            return cls(label=str(path), name=filename or path.name, size=stat.st_size, path=path)
+        if isinstance(file, (bytes, bytearray, memoryview)):
+            data = bytes(file)
+            return cls(label="<bytes>", name=filename or "upload.jsonl", size=len(data), data=data)
+        if hasattr(file, "read"):
+            return await cls._from_fileobj(file, filename)
+        raise InvalidArgumentError(
+            f"file must be a path, bytes or a binary file object, got {type(file).__name__}"
+        )
+
+    @classmethod
+    async def _from_fileobj(cls, fileobj: Any, filename: str | None) -> _UploadSource:
+        raw_name = getattr(fileobj, "name", None)
+        name = filename or (os.path.basename(raw_name) if isinstance(raw_name, str) else "")
+        name = name or "upload.jsonl"
+        label = raw_name if isinstance(raw_name, str) else "<file object>"
+        if isinstance(fileobj, io.TextIOBase):
+            raise InvalidArgumentError(f"{label}: open the file in binary mode ('rb')")
+
+        def measure() -> tuple[int, int] | None:
+            seekable = getattr(fileobj, "seekable", None)
+            if seekable is None or not seekable():
+                return None
+            start = fileobj.tell()
+            end = fileobj.seek(0, io.SEEK_END)
+            fileobj.seek(start)
+            return start, end - start
+
+        measured = await anyio.to_thread.run_sync(measure)
+        if measured is not None:
+            start, size = measured
+            return cls(label=label, name=name, size=size, fileobj=fileobj, start=start)
+
+        # Not seekable: spool it to disk once, so every attempt can re-read it.
+        def spool() -> tuple[Path, int]:
+            with tempfile.NamedTemporaryFile(
+                prefix="together-upload-", suffix=".jsonl", delete=False
+            ) as spooled:
+                size = 0
+                while chunk := fileobj.read(CHUNK_SIZE):
+                    if isinstance(chunk, str):
+                        raise InvalidArgumentError(f"{label}: open the file in binary mode")
+                    spooled.write(chunk)
+                    size += len(chunk)
+            return Path(spooled.name), size
+
+        path, size = await anyio.to_thread.run_sync(spool)
+        return cls(label=label, name=name, size=size, path=path, temporary=True)
+
+    def iter_blocking(self) -> Generator[bytes, None, None]:
+        """The bytes in chunks, read on the calling thread (use from a worker thread only)."""
+        if self._data is not None:
+            view = self._data
+            for offset in range(0, len(view), CHUNK_SIZE):
+                yield view[offset : offset + CHUNK_SIZE]
+            return
+        if self._path is not None:
+            with open(self._path, "rb") as file:
+                while chunk := file.read(CHUNK_SIZE):
+                    yield chunk
+            return
+        assert self._fileobj is not None
+        self._fileobj.seek(self._start)
+        remaining = self.size
+        while remaining > 0:
+            chunk = self._fileobj.read(min(CHUNK_SIZE, remaining))
+            if not chunk:
+                return
+            remaining -= len(chunk)
+            yield chunk
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The bytes in chunks, each read in a worker thread; a fresh stream every call."""
+        iterator = self.iter_blocking()
+        try:
+            while True:
+                chunk = await anyio.to_thread.run_sync(next, iterator, None)
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            # Closing the generator closes the file it holds open (in a thread: it may flush).
+            await anyio.to_thread.run_sync(iterator.close)
+
+    async def scan(self, *, validate: bool, endpoint: str | None) -> str:
+        """One pass in a worker thread: the sha256 checksum, and the batch-file check when
+        `validate` (raising BatchFileError before anything is sent)."""
+
+        def run() -> str:
+            if validate:
+                report = check_batch_chunks(self.iter_blocking(), endpoint=endpoint, sha256=True)
+                raise_for_problems(report, source=self.label)
+                if report.sha256 is not None:
+                    return report.sha256
+            hasher = hashlib.sha256()
+            for chunk in self.iter_blocking():
+                hasher.update(chunk)
+            return hasher.hexdigest()
+
+        return await anyio.to_thread.run_sync(run)
+
+    async def aclose(self) -> None:
+        if self._temporary and self._path is not None:
+            await anyio.Path(self._path).unlink(missing_ok=True)
+
+
+class Files:
+    """`client.files`: upload, retrieve, list, delete and download files."""
+
+    def __init__(self, client: AsyncTogether) -> None:
+        self._client = client
+
+    # ---- upload ---------------------------------------------------------------------------
+
+    async def upload(
+        self,
+        file: UploadInput,
+        *,
+        purpose: str = "batch-api",
+        check: bool = True,
+        filename: str | None = None,
+        endpoint: str | None = None,
+        max_retries: int | None = None,
+    ) -> FileObject:
+        """Upload a file and return it as the API stores it.
+
+        With `check=True` a `batch-api` file is validated first (see `validate_batch_file`)
+        and BatchFileError lists every problem before anything is sent. The bytes are
+        streamed from disk in ~1 MiB chunks read in a worker thread, straight to the storage
+        host the API points at (which never sees the API key). A file with the same checksum
+        already on the server is reused rather than uploaded again.
+
+        Args:
+            file: a path, bytes, or a binary file object (read from its current position).
+            purpose: what the file is for; `batch-api` for batch input.
+            check: validate a `batch-api` file before uploading it.
+            filename: the name to store it under (default: the file's own name).
+            endpoint: the batch endpoint the file is for, so lines with another `url` are
+                caught by the check.
+            max_retries: overrides the client's setting for this call.
+
+        Example:
+            uploaded = await client.files.upload("requests.jsonl")
+        """
+        purpose_value = str(FilePurpose(purpose)) if isinstance(purpose, str) else None
+        if not purpose_value:
+            raise InvalidArgumentError(f"purpose must be a non-empty string, got {purpose!r}")
+        if filename is not None and (not isinstance(filename, str) or not filename.strip()):
+            raise InvalidArgumentError("filename must be a non-empty string")
+        source = await _UploadSource.open(file, filename)
+        try:
+            checksum = await source.scan(
+                validate=check and purpose_value == _BATCH_API,
+                endpoint=None if endpoint is None else str(endpoint),
+            )
+            return await self._upload(source, purpose_value, checksum, max_retries)
+        finally:
+            await source.aclose()
+
+    async def _upload(
+        self, source: _UploadSource, purpose: str, checksum: str, max_retries: int | None
+    ) -> FileObject:
+        client = self._client
+
+        def fields() -> list[FormField]:
+            return [
+                FormField(name="purpose", value=purpose),
+                FormField(name="file_name", value=source.name),
+                FormField(name="file_type", value="jsonl"),
+                FormField(name="checksum", value=checksum),
+            ]
+
+        url = client._url("files")
+        response = await client._send(
+            "POST",
+            url,
+            form=fields,
+            accept=REDIRECT_STATUSES | {404, 405, 409},
+            max_retries=max_retries,
+        )
+        if response.status in REDIRECT_STATUSES:
+            return await self._presigned(source, response, max_retries)
+        if response.status == 409:
+            return await self._existing(response, max_retries)
+        if response.status in (404, 405):
+            logger.debug("POST /files answered %d: using POST /files/upload", response.status)
+            return await self._multipart(source, purpose, max_retries)
+        payload = decode_json(response.body, what="POST /files")
+        if not isinstance(payload, dict) or "id" not in payload:
+            raise APIResponseValidationError(
+                "POST /files answered neither a redirect to storage nor a file object"
+            )
+        uploaded = structure(payload, FileObject)
+        if uploaded.bytes is not None and uploaded.bytes != source.size:
+            logger.warning(
+                "POST /files answered file %s of %d bytes without an upload step; %s has %d",
+                uploaded.id,
+                uploaded.bytes,
+                source.label,
+                source.size,
+            )
+        return uploaded
+
+    async def _existing(self, response: Response, max_retries: int | None) -> FileObject:
+        try:
+            payload = decode_json(response.body, what="POST /files (409)")
+        except APIResponseValidationError:
+            payload = None
+        file_id = payload.get("file_id") if isinstance(payload, dict) else None
+        if not isinstance(file_id, str) or not file_id:
+            raise error_from_response(
+                response.status, response.headers, response.body, method="POST", url=response.url
+            )
+        logger.info("a file with this checksum already exists: reusing %s", file_id)
+        return await self.retrieve(file_id, max_retries=max_retries)
+
+    async def _presigned(
+        self, source: _UploadSource, response: Response, max_retries: int | None
+    ) -> FileObject:
+        client = self._client
+        location = get_header(response.headers, "location")
+        file_id = get_header(response.headers, "x-together-file-id")
+        if not location or not file_id or not file_id.strip():
+            raise APIResponseValidationError(
+                "POST /files redirected without a Location and an X-Together-File-Id header"
+            )
+        file_id = file_id.strip()
+        try:
+            await self._put(source, resolve_location(response.url, location), max_retries)
+        except TogetherError as exc:
+            raise with_context(
+                exc,
+                f"uploading {source.label} failed after POST /files created file {file_id}, "
+                f"which is left without its content (delete it or upload again)",
+            ) from exc
+        preprocessed = await client._send_json(
+            "POST",
+            client._url("files", file_id, "preprocess"),
+            what="POST /files/{id}/preprocess",
+            max_retries=max_retries,
+        )
+        if isinstance(preprocessed, dict) and isinstance(preprocessed.get("file"), dict):
+            preprocessed = preprocessed["file"]
+        return structure(preprocessed, FileObject)
+
+    async def _put(self, source: _UploadSource, url: str, max_retries: int | None) -> None:
+        """PUT the bytes to storage, following at most a few redirects (re-streaming each hop);
+        every target passes the safety check first. Never sends the API key."""
+        client = self._client
+        headers = {
+            "User-Agent": user_agent(),
+            "Content-Length": str(source.size),
+            "Content-Type": "application/octet-stream",
+        }
+        for _hop in range(MAX_UPLOAD_REDIRECTS + 1):
+            check_upload_url(url, api_base_url=client.base_url)
+            target = url
+
+            async def attempt(target: str = target) -> Response:
+                transport = client._ensure_transport()
+                answer = await transport.request(
+                    "PUT", target, headers=headers, content=source.chunks()
+                )
+                if 200 <= answer.status < 300 or answer.status in REDIRECT_STATUSES:
+                    return answer
+                raise error_from_response(
+                    answer.status, answer.headers, answer.body, method="PUT", url=target
+                )
+
+            answer = await client._with_retries(attempt, max_retries=max_retries)
+            if answer.status not in REDIRECT_STATUSES:
+                return
+            location = get_header(answer.headers, "location")
+            if not location:
+                raise APIResponseValidationError("the storage host redirected without a Location")
+            url = resolve_location(target, location)
+        raise APIResponseValidationError(
+            f"the storage host redirected more than {MAX_UPLOAD_REDIRECTS} times"
+        )
+
+    async def _multipart(
+        self, source: _UploadSource, purpose: str, max_retries: int | None
+    ) -> FileObject:
+        def fields() -> list[FormField]:
+            return [
+                FormField(name="purpose", value=purpose),
+                FormField(name="file_name", value=source.name),
+                FormField(name="file_type", value="jsonl"),
+                FormField(
+                    name="file",
+                    value=source.chunks(),
+                    filename=source.name,
+                    content_type="application/octet-stream",
+                ),
+            ]
+
+        client = self._client
+        response = await client._send(
+            "POST", client._url("files", "upload"), form=fields, max_retries=max_retries
+        )
+        return structure(decode_json(response.body, what="POST /files/upload"), FileObject)
+
+    # ---- metadata -------------------------------------------------------------------------
+
+    async def retrieve(self, id: str, *, max_retries: int | None = None) -> FileObject:
+        """The file with this id."""
+        file_id = require_id(id, "file id")
+        client = self._client
+        payload = await client._send_json(
+            "GET", client._url("files", file_id), what="GET /files/{id}", max_retries=max_retries
+        )
+        return structure(payload, FileObject)
+
+    async def list(self, *, max_retries: int | None = None) -> FileList:
+        """Every file of the account (`{"data": [...]}` or a bare array, both accepted)."""
+        client = self._client
+        payload = await client._send_json(
+            "GET", client._url("files"), what="GET /files", max_retries=max_retries
+        )
+        return structure_file_list(payload)
+
+    async def delete(self, id: str, *, max_retries: int | None = None) -> FileDeleteResponse:
+        """Delete the file with this id."""
+        file_id = require_id(id, "file id")
+        client = self._client
+        payload = await client._send_json(
+            "DELETE",
+            client._url("files", file_id),
+            what="DELETE /files/{id}",
+            max_retries=max_retries,
+        )
+        return structure(payload, FileDeleteResponse)
+
+    # ---- content --------------------------------------------------------------------------
+
+    async def retrieve_content(
+        self,
+        id: str,
+        *,
+        output: str | os.PathLike[str] | None = None,
+        max_retries: int | None = None,
+    ) -> DownloadedFile:
+        """Download a file's content to `output` (default `<id>.jsonl`; a directory means
+        `<directory>/<id>.jsonl`).
+
+        The bytes go to a temporary file beside the target, renamed into place only once
+        complete, so `output` is never left half-written. A connection that drops mid-body
+        is resumed with a Range request.
+
+        Example:
+            downloaded = await client.files.retrieve_content(job.output_file_id)
+        """
+        file_id = require_id(id, "file id")
+        target = Path(output) if output is not None else Path(f"{file_id}.jsonl")
+        if await anyio.Path(target).is_dir():
+            target = target / f"{file_id}.jsonl"
+        partial_path = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        size = 0
+        try:
+            async with await anyio.open_file(partial_path, "wb") as sink:
+                pending = bytearray()
+                chunks = self._content_chunks(file_id, max_retries=max_retries)
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        pending += chunk
+                        size += len(chunk)
+                        if len(pending) >= CHUNK_SIZE:
+                            await sink.write(bytes(pending))
+                            pending.clear()
+                if pending:
+                    await sink.write(bytes(pending))
+                await sink.flush()
+                await anyio.to_thread.run_sync(os.fsync, sink.wrapped.fileno())
+            await anyio.Path(partial_path).replace(target)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.Path(partial_path).unlink(missing_ok=True)
+            raise
+        return DownloadedFile(id=file_id, path=target, bytes=size)
+
+    def iter_lines(self, id: str, *, max_retries: int | None = None) -> AsyncIterator[bytes]:
+        """The lines of a remote file as they arrive (without line endings), resuming with
+        Range if the connection drops. Memory does not grow with the file.
+
+        Example:
+            async with contextlib.aclosing(client.files.iter_lines(file_id)) as lines:
+                async for line in lines: ...
+        """
+        file_id = require_id(id, "file id")
+        return self._iter_lines(file_id, max_retries)
+
+    async def _iter_lines(
+        self, file_id: str, max_retries: int | None
+    ) -> AsyncGenerator[bytes, None]:
+        chunks = self._content_chunks(file_id, max_retries=max_retries)
+        lines = aiter_lines(chunks)
+        async with contextlib.aclosing(chunks), contextlib.aclosing(lines):
+            async for line in lines:
+                yield line
+
+    def iter_json(self, id: str, *, max_retries: int | None = None) -> AsyncIterator[Any]:
+        """The decoded JSON value of each line of a remote file, as it streams; blank lines are
+        skipped and a bad line raises APIResponseValidationError naming the file and line."""
+        file_id = require_id(id, "file id")
+        return self._iter_json(file_id, max_retries)
+
+    async def _iter_json(
+        self, file_id: str, max_retries: int | None
+    ) -> AsyncGenerator[Any, None]:
+        chunks = self._content_chunks(file_id, max_retries=max_retries)
+        values = aiter_json(chunks, source=f"file {file_id}")
+        async with contextlib.aclosing(chunks), contextlib.aclosing(values):
+            try:
+                async for value in values:
+                    yield value
+            except ValueError as exc:
+                raise APIResponseValidationError(str(exc)) from exc
+
+    async def _content_chunks(
+        self, file_id: str, *, max_retries: int | None
+    ) -> AsyncGenerator[bytes, None]:
+        """The bytes of `GET /files/{id}/content` in order, resuming after a dropped connection
+        with `Range: bytes=N-` (and skipping what we have if the server ignores the Range)."""
+        client = self._client
+        url = client._url("files", file_id, "content")
+        attempts = client.config.attempts_for(max_retries)
+        offset = 0
+        resumes = 0
+        stalls = 0
+        while True:
+            headers = {"Accept-Encoding": "identity"}
+            if offset:
+                headers["Range"] = f"bytes={offset}-"
+            received_before = offset
+            try:
+                async with AsyncExitStack() as stack:
+                    response = await client._open_stream(
+                        "GET",
+                        url,
+                        headers=headers,
+                        accept=frozenset({206}),
+                        max_retries=max_retries,
+                        stack=stack,
+                    )
+                    skip = _bytes_to_skip(response.status, response.headers, offset)
+                    async for chunk in response.iter_chunks():
+                        if skip:
+                            if len(chunk) <= skip:
+                                skip -= len(chunk)
+                                continue
+                            chunk = chunk[skip:]
+                            skip = 0
+                        offset += len(chunk)
+                        yield chunk
+                return
+            except APIConnectionError as exc:
+                resumes += 1
+                stalls = 0 if offset > received_before else stalls + 1
+                if stalls >= attempts or resumes > MAX_DOWNLOAD_RESUMES:
+                    raise
+                logger.info(
+                    "file %s: connection lost at byte %d (%s); resuming", file_id, offset, exc
+                )
+
+
+def _bytes_to_skip(status: int, headers: Any, offset: int) -> int:
+    """How much of a resumed answer we already have: none for a matching 206, all of it up to
+    `offset` when the server ignored the Range and sent the whole file again."""
+    if offset == 0:
+        return 0
+    if status != 206:
+        return offset
+    content_range = parse_content_range(get_header(headers, "content-range"))
+    if content_range is None or content_range[0] > offset:
+        raise APIResponseValidationError(
+            f"resuming at byte {offset}: the server answered 206 with Content-Range "
+            f"{get_header(headers, 'content-range')!r}"
+        )
+    return offset - content_range[0]
+
