@@ -1,0 +1,70 @@
+"""Workload 2 (upload time and peak RSS growth) and the upload half of workload 5 (loop stalls).
+
+One child per contender uploads the same batch file to a fresh emulator (a fresh one, because the
+API answers a repeated checksum with 409 and no body would be sent), with a 1 ms ticker running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from benchmarks import _raw
+from benchmarks._child import child_parser, host_of
+from benchmarks._harness import LoopStallMeter, PeakRSS, cpu_and_wall, emit_result
+
+CONTENDERS = ("ours-check", "ours-nocheck", "raw", "official")
+
+
+async def _upload(contender: str, base_url: str, api_key: str, path: Path) -> str:
+    if contender == "raw":
+        async with aiohttp.ClientSession() as session:
+            answer = await _raw.upload_file(session, base_url, api_key, path)
+            return str(answer["id"])
+    if contender.startswith("ours"):
+        from together_async import AsyncTogether
+
+        async with AsyncTogether(api_key, base_url=base_url) as ours:
+            uploaded = await ours.files.upload(
+                path, purpose="batch-api", check=contender == "ours-check"
+            )
+            return uploaded.id
+    import together
+
+    async with together.AsyncTogether(api_key=api_key, base_url=host_of(base_url)) as official:
+        # check=False: the SDK's checker is the fine-tuning one and rejects valid batch files.
+        response = await official.files.upload(path, purpose="batch-api", check=False)
+        return response.id
+
+
+async def measure(contender: str, base_url: str, api_key: str, path: Path) -> dict[str, Any]:
+    """Upload `path` once, with the RSS and loop-stall meters running."""
+    stalls = LoopStallMeter()
+    with PeakRSS() as rss:
+        async with stalls.running():
+            with cpu_and_wall() as figures:
+                file_id = await _upload(contender, base_url, api_key, path)
+    size = await asyncio.to_thread(lambda: path.stat().st_size)
+    return {
+        "file_id": file_id,
+        "bytes": size,
+        "wall_s": figures["wall_s"],
+        "cpu_s": figures["cpu_s"],
+        "mb_per_s": size / 1e6 / figures["wall_s"],
+        "rss_growth": rss.growth,
+        "max_stall_s": stalls.longest,
+    }
+
+
+def main() -> None:
+    parser = child_parser(__doc__ or "", CONTENDERS)
+    parser.add_argument("--file", type=Path, required=True)
+    args = parser.parse_args()
+    emit_result(asyncio.run(measure(args.contender, args.base_url, args.api_key, args.file)))
+
+
+if __name__ == "__main__":
+    main()
