@@ -165,9 +165,7 @@ async def test_missing_key_fails_at_the_first_call(
     assert recorder.requests == []
 
 
-async def test_key_from_environment_is_used(
-    serve: Serve, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_key_from_environment_is_used(serve: Serve, monkeypatch: pytest.MonkeyPatch) -> None:
     """TOGETHER_API_KEY is read when no key is passed."""
     monkeypatch.setenv("TOGETHER_API_KEY", "env-key")
     recorder = Recorder()
@@ -232,9 +230,7 @@ async def test_per_call_max_retries_overrides_the_client(
 async def test_client_errors_are_not_retried(serve: Serve, make_client: MakeClient) -> None:
     """A 400 is raised at once as BadRequestError with the server's message."""
     recorder = Recorder()
-    server = await serve(
-        batches_app(recorder, reply({"error": "bad endpoint"}, status=400))
-    )
+    server = await serve(batches_app(recorder, reply({"error": "bad endpoint"}, status=400)))
     with pytest.raises(BadRequestError, match="bad endpoint"):
         await make_client(server).batches.list_batches()
     assert len(recorder.requests) == 1
@@ -253,6 +249,7 @@ async def test_nested_and_html_error_bodies_reach_the_caller(
     )
     with pytest.raises(AuthenticationError, match="Invalid API key"):
         await make_client(server).batches.list_batches()
+
     def html() -> web.Response:
         return web.Response(
             status=502, text="<html><title>Bad Gateway</title></html>", content_type="text/html"

@@ -240,8 +240,19 @@ def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> N
 
 @pytest.mark.parametrize(
     ("status", "expected"),
-    [(408, True), (409, True), (429, True), (500, True), (502, True), (503, True),
-     (400, False), (401, False), (403, False), (404, False), (422, False)],
+    [
+        (408, True),
+        (409, True),
+        (429, True),
+        (500, True),
+        (502, True),
+        (503, True),
+        (400, False),
+        (401, False),
+        (403, False),
+        (404, False),
+        (422, False),
+    ],
 )
 def test_retryable_statuses(status: int, expected: bool) -> None:
     """408, 409, 429 and 5xx are retried; other 4xx are not."""

@@ -289,9 +289,7 @@ class AsyncTogether:
         json: Any = None,
     ) -> Any:
         """A retried request whose success body is JSON; returns it decoded."""
-        response = await self._send(
-            method, url, max_retries=max_retries, params=params, json=json
-        )
+        response = await self._send(method, url, max_retries=max_retries, params=params, json=json)
         return decode_json(response.body, what=what)
 
     @asynccontextmanager

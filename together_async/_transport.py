@@ -77,9 +77,7 @@ def _translated(method: str, url: str) -> Iterator[None]:
         raise APITimeoutError(f"{_shown(method, url)}: timed out") from exc
     except (aiohttp.ClientError, OSError) as exc:
         detail = str(exc) or type(exc).__name__
-        raise APIConnectionError(
-            f"{_shown(method, url)}: {type(exc).__name__}: {detail}"
-        ) from exc
+        raise APIConnectionError(f"{_shown(method, url)}: {type(exc).__name__}: {detail}") from exc
 
 
 class StreamingResponse:

@@ -74,8 +74,9 @@ class Batches:
         input_file_id = require_id(file_id, "file_id")
         endpoint_value = str(endpoint.value if isinstance(endpoint, BatchEndpoint) else endpoint)
         if not isinstance(endpoint, (str, BatchEndpoint)) or not endpoint_value.strip():
-            raise InvalidArgumentError("endpoint must be a non-empty string such as "
-                                       "'/v1/chat/completions'")
+            raise InvalidArgumentError(
+                "endpoint must be a non-empty string such as '/v1/chat/completions'"
+            )
         if not isinstance(completion_window, str) or not completion_window.strip():
             raise InvalidArgumentError("completion_window must be a non-empty string")
         if model_id is not None and not isinstance(model_id, str):
@@ -138,9 +139,7 @@ class Batches:
             job = attrs.evolve(job, warning=warning)
         return job
 
-    async def _find_created(
-        self, file_id: str, endpoint: str, since: datetime
-    ) -> BatchJob | None:
+    async def _find_created(self, file_id: str, endpoint: str, since: datetime) -> BatchJob | None:
         """The newest job on `file_id` and `endpoint` created at or after `since`, if any.
 
         A job that does not say when it was made counts as a match: returning it risks less
@@ -170,7 +169,9 @@ class Batches:
         batch_id = require_id(id, "batch id")
         client = self._client
         payload = await client._send_json(
-            "GET", client._url("batches", batch_id), what="GET /batches/{id}",
+            "GET",
+            client._url("batches", batch_id),
+            what="GET /batches/{id}",
             max_retries=max_retries,
         )
         return structure(unwrap_job(payload)[0], BatchJob)
@@ -246,4 +247,3 @@ def _result_from_line(data: bytes, *, file_id: str, line: int, batch_id: str) ->
     except ValueError as exc:
         problem = str(exc)
     raise APIResponseValidationError(f"batch {batch_id}: file {file_id} line {line}: {problem}")
-

@@ -502,9 +502,7 @@ class Files:
         file_id = require_id(id, "file id")
         return self._iter_json(file_id, max_retries)
 
-    async def _iter_json(
-        self, file_id: str, max_retries: int | None
-    ) -> AsyncGenerator[Any, None]:
+    async def _iter_json(self, file_id: str, max_retries: int | None) -> AsyncGenerator[Any, None]:
         chunks = self._content_chunks(file_id, max_retries=max_retries)
         values = aiter_json(chunks, source=f"file {file_id}")
         async with contextlib.aclosing(chunks), contextlib.aclosing(values):
@@ -575,4 +573,3 @@ def _bytes_to_skip(status: int, headers: Any, offset: int) -> int:
             f"{get_header(headers, 'content-range')!r}"
         )
     return offset - content_range[0]
-
