@@ -43,6 +43,7 @@ from ._models import (
     FileObject,
     FilePurpose,
 )
+from .gather import BatchRun, BatchRunSummary, gather_batches, stream_batches
 from .progress import BatchesProgressBar, BatchProgressBar
 from .watch import BatchWatcher
 
@@ -64,6 +65,8 @@ __all__ = [
     "BatchProgressBar",
     "BatchRequest",
     "BatchResult",
+    "BatchRun",
+    "BatchRunSummary",
     "BatchWatcher",
     "BatchesProgressBar",
     "ClientClosedError",
@@ -87,4 +90,6 @@ __all__ = [
     "UnsafeURLError",
     "WaitTimeoutError",
     "__version__",
+    "gather_batches",
+    "stream_batches",
 ]

@@ -1,0 +1,194 @@
+"""The file work behind gather, without a server: shard writing and per-row accounting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from together_async import BatchFileError, BatchResult
+from together_async._sharding import InputSharder, ShardAccounting, is_retryable
+from together_async.manifest import decode_positions
+
+CHAT = "/v1/chat/completions"
+
+
+def sharder(directory: Path, *, source: str | None = None, **limits: int) -> InputSharder:
+    return InputSharder(
+        directory,
+        endpoint=CHAT,
+        model="m",
+        max_lines=limits.get("max_lines", 50_000),
+        max_bytes=limits.get("max_bytes", 100 * 1024 * 1024),
+        source=source,
+        fingerprint_settings={"endpoint": CHAT},
+    )
+
+
+def body(text: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": text}]}
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def test_rows_are_normalised_into_request_lines(tmp_path: Path) -> None:
+    """Bare bodies are wrapped with a generated id and the default model, custom_id first."""
+    writer = sharder(tmp_path)
+    writer.add_items([body("a"), {"custom_id": "x", "body": {"model": "own", **body("b")}}])
+    writer.finish()
+    assert (tmp_path / "shard-00000.jsonl").read_bytes().splitlines() == [
+        b'{"custom_id":"request-0","body":{"model":"m","messages":[{"role":"user","content":"a"}]}}',
+        b'{"custom_id":"x","body":{"model":"own","messages":[{"role":"user","content":"b"}]}}',
+    ]
+
+
+def test_shards_never_pass_either_limit(tmp_path: Path) -> None:
+    """Shards split at max_lines or before max_bytes, whichever comes first."""
+    writer = sharder(tmp_path, max_lines=4, max_bytes=300)
+    writer.add_items([body("x" * (10 if i % 2 else 60)) for i in range(20)])
+    writer.finish()
+    assert all(shard.lines <= 4 and shard.bytes <= 300 for shard in writer.shards)
+    assert sum(shard.lines for shard in writer.shards) == 20
+    for shard in writer.shards:
+        assert (tmp_path / shard.name).stat().st_size == shard.bytes
+
+
+def test_the_fingerprint_follows_the_rows(tmp_path: Path) -> None:
+    """The same rows give the same fingerprint; one changed row gives another."""
+
+    def fingerprint(texts: list[str], directory: Path) -> str:
+        directory.mkdir()
+        writer = sharder(directory)
+        writer.add_items([body(text) for text in texts])
+        return writer.finish()
+
+    first = fingerprint(["a", "b"], tmp_path / "1")
+    assert fingerprint(["a", "b"], tmp_path / "2") == first
+    assert fingerprint(["a", "c"], tmp_path / "3") != first
+
+
+def test_a_file_with_crlf_and_a_bom_is_read(tmp_path: Path) -> None:
+    """An input file may have CRLF line endings and a BOM; its shard file has neither."""
+    source = tmp_path / "in.jsonl"
+    bom = b"\xef\xbb\xbf"
+    source.write_bytes(bom + orjson.dumps(body("a")) + b"\r\n" + orjson.dumps(body("b")))
+    (tmp_path / "out").mkdir()
+    writer = sharder(tmp_path / "out", source=str(source))
+    with source.open("rb") as file:
+        while writer.add_from_file(file):
+            pass
+    writer.finish()
+    lines = read_lines(tmp_path / "out" / "shard-00000.jsonl")
+    assert [line["body"]["messages"][0]["content"] for line in lines] == ["a", "b"]
+
+
+def test_file_problems_name_their_lines(tmp_path: Path) -> None:
+    """Blank lines and bad JSON in an input file are reported by line number."""
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(orjson.dumps(body("a")) + b"\n\n{oops\n")
+    (tmp_path / "out").mkdir()
+    writer = sharder(tmp_path / "out", source=str(source))
+    with source.open("rb") as file:
+        while writer.add_from_file(file):
+            pass
+    with pytest.raises(BatchFileError) as caught:
+        writer.finish()
+    problems = [str(problem) for problem in caught.value.problems]
+    assert problems[0] == "line 2: blank line; remove blank lines, one request per line"
+    assert problems[1].startswith("line 3: not valid JSON (")
+    assert len(problems) == 2
+
+
+def test_duplicates_after_rejected_rows_name_the_right_positions(tmp_path: Path) -> None:
+    """Duplicate positions stay right when rows before them were rejected."""
+    writer = sharder(tmp_path, max_lines=2)
+    rows: list[Any] = [
+        {"custom_id": "a", "body": body("1")},
+        42,
+        {"custom_id": "b", "body": body("2")},
+        {"custom_id": "a", "body": body("3")},
+    ]
+    writer.add_items(rows)
+    with pytest.raises(BatchFileError) as caught:
+        writer.finish()
+    assert "requests[3].custom_id: 'a' duplicates requests[0]" in str(caught.value)
+    assert caught.value.problem_count == 2
+
+
+def test_a_request_larger_than_a_batch_is_refused(tmp_path: Path) -> None:
+    """A single request over max_bytes_per_batch cannot be sharded and is reported."""
+    writer = sharder(tmp_path, max_bytes=100)
+    writer.add_items([body("x" * 200)])
+    with pytest.raises(BatchFileError, match=r"requests\[0\]: the request is .* bytes"):
+        writer.finish()
+
+
+def write_shard(path: Path, ids: list[str]) -> None:
+    path.write_bytes(
+        b"".join(orjson.dumps({"custom_id": i, "body": body(i)}) + b"\n" for i in ids)
+    )
+
+
+def output_line(custom_id: str, status: int) -> bytes:
+    row = {"custom_id": custom_id, "response": {"status_code": status, "body": {"ok": status}}}
+    return orjson.dumps(row) + b"\n"
+
+
+def test_accounting_settles_every_row_once(tmp_path: Path) -> None:
+    """ok rows are final, retryable ones and missing ones go to the follow-up file."""
+    write_shard(tmp_path / "in.jsonl", ["a", "b", "c", "d"])
+    (tmp_path / "out.jsonl").write_bytes(
+        output_line("a", 200) + output_line("b", 503) + output_line("d", 400)
+    )
+    accounting = ShardAccounting(
+        tmp_path / "in.jsonl",
+        [10, 11, 12, 13],
+        batch_id="batch-1",
+        job_status="EXPIRED",
+        job_error=None,
+        retry_allowed=True,
+    )
+    final = [item for chunk in accounting.read(tmp_path / "out.jsonl") for item in chunk]
+    final += accounting.finish()
+    follow_up = accounting.write_follow_up(tmp_path / "retry.jsonl", attempt=2)
+    assert [(position, result.custom_id) for position, result in final] == [(10, "a"), (13, "d")]
+    assert follow_up is not None and follow_up.positions is not None
+    assert list(decode_positions(follow_up.positions)) == [11, 12]
+    assert [line["custom_id"] for line in read_lines(tmp_path / "retry.jsonl")] == ["b", "c"]
+
+
+def test_without_attempts_left_missing_rows_get_the_job_status(tmp_path: Path) -> None:
+    """With no retry allowed, a row with no result gets an error naming the job's status."""
+    write_shard(tmp_path / "in.jsonl", ["a"])
+    accounting = ShardAccounting(
+        tmp_path / "in.jsonl",
+        [0],
+        batch_id="batch-1",
+        job_status="CANCELLED",
+        job_error=None,
+        retry_allowed=False,
+    )
+    [(position, result)] = accounting.finish()
+    assert (position, result.error_code) == (0, "batch_cancelled")
+    assert "batch-1 ended CANCELLED" in (result.error_message or "")
+    assert accounting.write_follow_up(tmp_path / "retry.jsonl", attempt=2) is None
+
+
+@pytest.mark.parametrize(
+    ("result", "retryable"),
+    [
+        (BatchResult(custom_id="a", status_code=200), False),
+        (BatchResult(custom_id="a", status_code=429, error_message="slow down"), True),
+        (BatchResult(custom_id="a", status_code=502, error_message="bad gateway"), True),
+        (BatchResult(custom_id="a", status_code=400, error_message="bad model"), False),
+        (BatchResult(custom_id="a", error_message="t/o", error_code="request_timeout"), True),
+        (BatchResult(custom_id="a", error_message="no", error_code="invalid_model"), False),
+    ],
+)
+def test_which_row_failures_are_retryable(result: BatchResult, retryable: bool) -> None:
+    """408/429/5xx and timeout or overload codes are retryable; request errors are not."""
+    assert is_retryable(result) is retryable

@@ -1,0 +1,615 @@
+"""The file work behind gather_batches, all blocking and meant for worker threads: turning input
+rows into checked shard files (`InputSharder`), and turning a finished shard's input, output and
+error files back into one outcome per row (`ShardAccounting`).
+
+Nothing here touches the network or the event loop; gather.py calls it chunk by chunk through
+`anyio.to_thread.run_sync`, so the loop stays responsive and memory stays bounded by a chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+import orjson
+
+from ._convert import result_from_row
+from ._errors import BatchFileError
+from ._jsonl import (
+    ALLOWED_METHODS,
+    CHUNK_SIZE,
+    MAX_CUSTOM_ID_CHARS,
+    BatchFileProblem,
+    BatchFileValidator,
+    LineSplitter,
+)
+from ._models import BatchJobStatus, BatchRequest, BatchResult
+from .manifest import NewShard, encode_positions
+
+__all__ = [
+    "FINAL_ERROR_CODES",
+    "InputSharder",
+    "ShardAccounting",
+    "WrittenShard",
+    "generated_custom_id",
+    "is_retryable",
+]
+
+logger = logging.getLogger("together_async.gather")
+
+MAX_PROBLEMS = 20
+"""Problems listed in a BatchFileError (all are counted)."""
+
+_WRITE_BUFFER = CHUNK_SIZE
+_BOM = b"\xef\xbb\xbf"
+
+# Row outcomes worth a second try: the request itself was fine, the service was not.
+_RETRYABLE_STATUS = frozenset({408, 429})
+_RETRYABLE_ERROR_CODES = frozenset(
+    {
+        "rate_limit",
+        "rate_limited",
+        "rate_limit_exceeded",
+        "too_many_requests",
+        "server_error",
+        "internal_error",
+        "internal_server_error",
+        "service_unavailable",
+        "overloaded",
+        "bad_gateway",
+        "gateway_timeout",
+        "upstream_error",
+        "engine_unavailable",
+    }
+)
+
+FINAL_ERROR_CODES = {
+    "COMPLETED": "missing_result",
+    "EXPIRED": "batch_expired",
+    "CANCELLED": "batch_cancelled",
+    "FAILED": "batch_failed",
+}
+"""The error_code given to a row that has no result of its own, by the job's final status."""
+
+
+def generated_custom_id(position: int) -> str:
+    """The custom_id given to the request at `position` (0-based) when it has none."""
+    return f"request-{position}"
+
+
+def is_retryable(result: BatchResult) -> bool:
+    """True for a row that failed for reasons of the service (408, 429, 5xx, timeouts)."""
+    if result.ok:
+        return False
+    status = result.status_code
+    if status is not None and (status in _RETRYABLE_STATUS or status >= 500):
+        return True
+    code = (result.error_code or "").lower()
+    return code in _RETRYABLE_ERROR_CODES or "timeout" in code or "timed_out" in code
+
+
+@attrs.frozen(kw_only=True)
+class WrittenShard:
+    """A shard file written by InputSharder: rows first_position .. first_position+lines-1."""
+
+    name: str
+    sha256: str
+    lines: int
+    bytes: int
+    first_position: int
+
+    def as_new_shard(self) -> NewShard:
+        """The manifest record of this original shard."""
+        return NewShard(
+            input_name=self.name,
+            input_sha256=self.sha256,
+            lines=self.lines,
+            bytes=self.bytes,
+            first_position=self.first_position,
+        )
+
+
+class InputSharder:
+    """Normalises input rows and writes them straight into shard files, checking as it goes.
+
+    Rows are full request lines (`{"custom_id"?, "body", "method"?, "url"?}`, or a BatchRequest)
+    or bare bodies (any other mapping), which get wrapped. A missing custom_id becomes
+    `request-<position>`; `model` fills bodies with no "model". Each shard holds at most
+    `max_lines` lines and `max_bytes` bytes. Every written shard is also fed to the batch-file
+    validator, so a shard that gets uploaded already passed the server's rules.
+
+    Problems are collected (the first MAX_PROBLEMS kept, all counted) rather than raised, so a
+    single pass reports everything; `finish()` raises BatchFileError if there were any.
+
+    Duplicate custom_ids are found with a set of 64-bit hashes (about 70 bytes per row instead
+    of about 100 for a set of strings); a hash seen twice marks a suspect, and `finish()`
+    re-reads the shard files to confirm suspects by their actual ids and name both positions.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        endpoint: str,
+        model: str | None,
+        max_lines: int,
+        max_bytes: int,
+        source: str | None,
+        fingerprint_settings: Mapping[str, Any],
+    ) -> None:
+        """Args:
+        directory: where the shard files go (it must exist).
+        endpoint: the batch endpoint; a request's `url`, if any, must equal it.
+        model: fills `body["model"]` where missing, when not None.
+        max_lines, max_bytes: the limits of one shard.
+        source: the input file's name, or None for an in-memory iterable (changes how
+            positions are named in problems: "line 7" or "requests[6]").
+        fingerprint_settings: the settings that change the shards, hashed into the
+            fingerprint along with every row.
+        """
+        self._directory = directory
+        self._endpoint = endpoint
+        self._model = model
+        self._max_lines = max_lines
+        self._max_bytes = max_bytes
+        self._source = source
+        self._fingerprint = hashlib.sha256(
+            b"together_async.gather v1\n" + orjson.dumps(dict(fingerprint_settings)) + b"\n"
+        )
+        self.rows = 0
+        self.shards: list[WrittenShard] = []
+        self._problems: list[BatchFileProblem] = []
+        self._problem_count = 0
+        self._seen_hashes: set[int] = set()
+        # Positions of rows not written (after a problem): shard lines skip them.
+        self._rejected: list[int] = []
+        self._suspect_hashes: set[int] = set()
+        # The shard being written.
+        self._file: IO[bytes] | None = None
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._shard_hash = hashlib.sha256()
+        self._shard_lines = 0
+        self._shard_bytes = 0
+        self._shard_first = 0
+        self._shard_positions: list[int] = []
+        self._validator: BatchFileValidator | None = None
+        # Input files: lines are split here, one chunk at a time.
+        self._splitter = LineSplitter()
+
+    # --- feeding ----------------------------------------------------------------------
+
+    def add_items(self, items: Iterable[Any]) -> int:
+        """Take rows given as Python objects; returns how many were taken (0 at the end)."""
+        taken = 0
+        for item in items:
+            self._add(item, self.rows)
+            self.rows += 1
+            taken += 1
+        return taken
+
+    def add_from_file(self, file: IO[bytes]) -> bool:
+        """Read and take the next chunk of a JSONL input file; False once it is all read.
+
+        One call is one worker-thread hop: a read of CHUNK_SIZE bytes and its lines.
+        """
+        chunk = file.read(CHUNK_SIZE)
+        if not chunk:
+            last = self._splitter.flush()
+            if last is not None:
+                self._add_line(last)
+            return False
+        for line in self._splitter.feed(chunk):
+            self._add_line(line)
+        return True
+
+    def _add_line(self, line: bytes) -> None:
+        position = self.rows
+        self.rows += 1
+        if position == 0 and line.startswith(_BOM):
+            line = line[len(_BOM) :]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line or line.isspace():
+            self._problem(position, None, "blank line; remove blank lines, one request per line")
+            return
+        try:
+            item = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            self._problem(position, None, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            return
+        self._add(item, position)
+
+    def _add(self, item: Any, position: int) -> None:
+        line = self._normalise(item, position)
+        if line is None:
+            self._rejected.append(position)
+            return
+        size = len(line) + 1
+        if size > self._max_bytes:
+            self._problem(
+                position,
+                None,
+                f"the request is {size:,} bytes, more than max_bytes_per_batch "
+                f"({self._max_bytes:,}); it cannot go in any batch",
+            )
+            self._rejected.append(position)
+            return
+        if self._file is not None and (
+            self._shard_lines >= self._max_lines or self._shard_bytes + size > self._max_bytes
+        ):
+            self._close_shard()
+        if self._file is None:
+            self._open_shard(position)
+        self._buffer.append(line)
+        self._buffered += size
+        self._shard_lines += 1
+        self._shard_bytes += size
+        self._shard_positions.append(position)
+        if self._buffered >= _WRITE_BUFFER:
+            self._flush()
+
+    def _normalise(self, item: Any, position: int) -> bytes | None:
+        """The request line of one row (without newline), or None after recording a problem."""
+        if isinstance(item, BatchRequest):
+            request: dict[str, Any] = {"custom_id": item.custom_id, "body": item.body}
+            if item.method is not None:
+                request["method"] = item.method
+            if item.url is not None:
+                request["url"] = item.url
+        elif isinstance(item, Mapping):
+            if "body" in item:
+                request = dict(item)
+            elif "custom_id" in item:
+                self._problem(
+                    position,
+                    "body",
+                    "missing: a request line needs a body (a bare body has no custom_id)",
+                )
+                return None
+            else:
+                request = {"body": item}
+        else:
+            self._problem(
+                position,
+                None,
+                f"must be a request line or a request body (a dict), got {type(item).__name__}",
+            )
+            return None
+        custom_id = request.get("custom_id")
+        if custom_id is None:
+            custom_id = generated_custom_id(position)
+        elif not isinstance(custom_id, str):
+            kind = type(custom_id).__name__
+            self._problem(position, "custom_id", f"must be a string, got {kind}")
+            return None
+        elif not custom_id or len(custom_id) > MAX_CUSTOM_ID_CHARS:
+            self._problem(
+                position,
+                "custom_id",
+                f"must be 1 to {MAX_CUSTOM_ID_CHARS} characters, got {len(custom_id)}",
+            )
+            return None
+        body = request["body"]
+        if not isinstance(body, Mapping):
+            self._problem(position, "body", f"must be an object, got {type(body).__name__}")
+            return None
+        if self._model is not None and "model" not in body:
+            body = {"model": self._model, **body}
+        elif not isinstance(body, dict):
+            body = dict(body)
+        method = request.get("method")
+        if method is not None and method not in ALLOWED_METHODS:
+            self._problem(position, "method", f'must be "POST" or "FILE", got {method!r}')
+            return None
+        url = request.get("url")
+        if url is not None and url != self._endpoint:
+            self._problem(position, "url", f"{url!r} is not the batch endpoint {self._endpoint!r}")
+            return None
+        request.pop("custom_id", None)
+        request.pop("body")
+        try:
+            line = orjson.dumps({"custom_id": custom_id, "body": body, **request})
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            self._problem(position, None, f"cannot be written as JSON: {exc}")
+            return None
+        key = hash(custom_id)
+        if key in self._seen_hashes:
+            self._suspect_hashes.add(key)
+        else:
+            self._seen_hashes.add(key)
+        return line
+
+    # --- shard files ------------------------------------------------------------------
+
+    def _open_shard(self, position: int) -> None:
+        name = f"shard-{len(self.shards):05d}.jsonl"
+        self._file = open(self._directory / name, "wb")  # closed in _close_shard
+        self._shard_hash = hashlib.sha256()
+        self._shard_lines = 0
+        self._shard_bytes = 0
+        self._shard_first = position
+        self._shard_positions = []
+        self._validator = BatchFileValidator(
+            endpoint=self._endpoint,
+            max_lines=self._max_lines,
+            max_bytes=self._max_bytes,
+            max_problems=MAX_PROBLEMS,
+        )
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        assert self._file is not None and self._validator is not None
+        self._buffer.append(b"")
+        data = b"\n".join(self._buffer)
+        self._buffer = []
+        self._buffered = 0
+        self._file.write(data)
+        self._shard_hash.update(data)
+        self._fingerprint.update(data)
+        self._validator.feed(data)
+
+    def _close_shard(self) -> None:
+        self._flush()
+        assert self._file is not None and self._validator is not None
+        self._file.close()
+        self._file = None
+        report = self._validator.finish()
+        for problem in report.problems:
+            # Validator lines count within the shard; name the input position instead.
+            position = (
+                self._shard_positions[problem.line - 1] if problem.line is not None else None
+            )
+            self._problem(position, problem.field, problem.message, counted=False)
+        self._problem_count += report.problem_count
+        self.shards.append(
+            WrittenShard(
+                name=f"shard-{len(self.shards):05d}.jsonl",
+                sha256=self._shard_hash.hexdigest(),
+                lines=self._shard_lines,
+                bytes=self._shard_bytes,
+                first_position=self._shard_first,
+            )
+        )
+        self._shard_positions = []
+
+    def close(self) -> None:
+        """Close a shard file left open (after an error); safe to call twice."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    # --- the end ----------------------------------------------------------------------
+
+    def finish(self) -> str:
+        """Close the last shard, confirm duplicate suspects, and return the input fingerprint.
+
+        Raises:
+            BatchFileError: listing every problem found (first MAX_PROBLEMS of them).
+        """
+        if self._file is not None:
+            self._close_shard()
+        self._seen_hashes = set()
+        if self._suspect_hashes:
+            self._report_duplicates()
+        if self._problem_count:
+            self._problems.sort(key=lambda problem: problem.line or 0)
+            raise BatchFileError(
+                self._problems, problem_count=self._problem_count, source=self._describe_source()
+            )
+        return self._fingerprint.hexdigest()
+
+    def _report_duplicates(self) -> None:
+        first_position: dict[str, int] = {}
+        accepted = 0
+        skipped = 0
+        for shard in self.shards:
+            with open(self._directory / shard.name, "rb") as file:
+                for line in file:
+                    # The accepted-th written row sits at accepted + (rejected rows before it).
+                    position = accepted + skipped
+                    while skipped < len(self._rejected) and self._rejected[skipped] <= position:
+                        skipped += 1
+                        position = accepted + skipped
+                    accepted += 1
+                    custom_id = orjson.loads(line)["custom_id"]
+                    if hash(custom_id) not in self._suspect_hashes:
+                        continue
+                    first = first_position.setdefault(custom_id, position)
+                    if first != position:
+                        self._problem(
+                            position,
+                            "custom_id",
+                            f"{custom_id!r} duplicates {self._where(first)}; "
+                            "custom_ids must be unique",
+                        )
+
+    def _problem(
+        self, position: int | None, field: str | None, message: str, *, counted: bool = True
+    ) -> None:
+        if counted:
+            self._problem_count += 1
+        if len(self._problems) >= MAX_PROBLEMS:
+            return
+        if self._source is not None:
+            line = None if position is None else position + 1
+            self._problems.append(BatchFileProblem(line=line, field=field, message=message))
+        else:
+            # In-memory rows have indexes, not lines: put the index where a reader looks first.
+            where = "requests" if position is None else f"requests[{position}]"
+            label = where if field is None else f"{where}.{field}"
+            self._problems.append(BatchFileProblem(line=None, field=label, message=message))
+
+    def _where(self, position: int) -> str:
+        return f"line {position + 1}" if self._source is not None else f"requests[{position}]"
+
+    def _describe_source(self) -> str:
+        return self._source if self._source is not None else "requests"
+
+
+class ShardAccounting:
+    """Turns one finished shard back into exactly one outcome per row.
+
+    Reads the shard's input file for its custom_ids, then the job's output and error files
+    (either may be missing) one chunk at a time; `read()` yields the rows that are final, as
+    `(input position, BatchResult)`. A row is resubmitted instead when it failed retryably
+    (408, 429, 5xx, timeouts), or has no result because the job EXPIRED, was CANCELLED or lost
+    it, and `retry_allowed` is true. `finish()` settles the rows with no result (a final error
+    naming the job's status) and `write_follow_up()` writes the rows to resubmit.
+
+    Memory: the shard's custom_ids and one chunk of results; never a whole results file.
+    """
+
+    def __init__(
+        self,
+        input_path: Path,
+        positions: Sequence[int],
+        *,
+        batch_id: str | None,
+        job_status: str | None,
+        job_error: str | None,
+        retry_allowed: bool,
+    ) -> None:
+        """Args:
+        input_path: the shard's input file.
+        positions: the input position of each of its lines.
+        batch_id: the job, put in every BatchResult.
+        job_status: the job's terminal status.
+        job_error: the job's error message, if any.
+        retry_allowed: whether rows may be resubmitted at all (attempts left).
+        """
+        self._input_path = input_path
+        self._positions = positions
+        self._batch_id = batch_id
+        self._status = str(BatchJobStatus(job_status)) if job_status else "UNKNOWN"
+        self._job_error = job_error
+        self._retry_allowed = retry_allowed
+        self._index: dict[str, int] = {}
+        with open(input_path, "rb") as file:
+            for index, line in enumerate(file):
+                self._index[orjson.loads(line)["custom_id"]] = index
+        if len(self._index) != len(positions):
+            raise RuntimeError(
+                f"{input_path} holds {len(self._index)} requests, the state says "
+                f"{len(positions)}; the run directory was changed by hand"
+            )
+        # Per row: 0 no outcome yet, 1 final outcome given, 2 to resubmit.
+        self._state = bytearray(len(positions))
+        self.unknown_rows = 0
+        self.resubmit_count = 0
+
+    def read(self, path: Path) -> Generator[list[tuple[int, BatchResult]], None, None]:
+        """The final outcomes found in an output or error file, a chunk at a time."""
+        splitter = LineSplitter()
+        with open(path, "rb") as file:
+            while True:
+                chunk = file.read(CHUNK_SIZE)
+                lines = splitter.feed(chunk) if chunk else []
+                if not chunk:
+                    last = splitter.flush()
+                    if last is not None:
+                        lines.append(last)
+                yield self._settle(lines, path)
+                if not chunk:
+                    return
+
+    def _settle(self, lines: list[bytes], path: Path) -> list[tuple[int, BatchResult]]:
+        final: list[tuple[int, BatchResult]] = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                result = result_from_row(orjson.loads(line), batch_id=self._batch_id)
+            except (orjson.JSONDecodeError, ValueError) as exc:
+                # The row then counts as missing: resubmitted or reported, never lost.
+                logger.warning("skipping a malformed line of %s: %s", path.name, exc)
+                continue
+            index = self._index.get(result.custom_id)
+            if index is None:
+                self.unknown_rows += 1
+                logger.warning(
+                    "batch %s returned custom_id %r, which it was not sent; ignored",
+                    self._batch_id,
+                    result.custom_id,
+                )
+                continue
+            if self._state[index]:
+                logger.warning(
+                    "batch %s returned custom_id %r twice; the first answer is kept",
+                    self._batch_id,
+                    result.custom_id,
+                )
+                continue
+            if self._retry_allowed and is_retryable(result):
+                self._state[index] = 2
+                self.resubmit_count += 1
+            else:
+                self._state[index] = 1
+                final.append((self._positions[index], result))
+        return final
+
+    def finish(self) -> list[tuple[int, BatchResult]]:
+        """Settle the rows that got no result: resubmit them, or give them a final error."""
+        retry_missing = self._retry_allowed and self._status != "FAILED"
+        code = FINAL_ERROR_CODES.get(self._status, "missing_result")
+        message = f"no result: batch {self._batch_id} ended {self._status}"
+        if self._job_error:
+            message += f" ({self._job_error})"
+        final: list[tuple[int, BatchResult]] = []
+        custom_ids: list[str] | None = None
+        for index, state in enumerate(self._state):
+            if state:
+                continue
+            if retry_missing:
+                self._state[index] = 2
+                self.resubmit_count += 1
+                continue
+            if custom_ids is None:
+                custom_ids = list(self._index)  # dicts keep insertion (= line) order
+            self._state[index] = 1
+            final.append(
+                (
+                    self._positions[index],
+                    BatchResult(
+                        custom_id=custom_ids[index],
+                        error_message=message,
+                        error_code=code,
+                        batch_id=self._batch_id,
+                    ),
+                )
+            )
+        return final
+
+    def write_follow_up(self, path: Path, *, attempt: int) -> NewShard | None:
+        """Write the rows to resubmit into `path`; None (and no file) when there are none."""
+        if not self.resubmit_count:
+            return None
+        positions: list[int] = []
+        hasher = hashlib.sha256()
+        size = 0
+        temporary = path.with_name(path.name + ".partial")
+        with open(self._input_path, "rb") as source, open(temporary, "wb") as target:
+            for index, line in enumerate(source):
+                if self._state[index] != 2:
+                    continue
+                if not line.endswith(b"\n"):
+                    line += b"\n"
+                target.write(line)
+                hasher.update(line)
+                size += len(line)
+                positions.append(self._positions[index])
+        os.replace(temporary, path)
+        return NewShard(
+            input_name=path.name,
+            input_sha256=hasher.hexdigest(),
+            lines=len(positions),
+            bytes=size,
+            attempt=attempt,
+            positions=encode_positions(positions),
+        )
