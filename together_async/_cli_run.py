@@ -1,0 +1,288 @@
+"""`together-async run`: one batch file through gather_batches, with a live display, results
+files and a summary. The target is the API (key and base URL as for every command) or, with
+`--emulator`, an in-process emulator with settings that make a 1,000-row file finish in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import secrets
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import anyio.to_thread
+import orjson
+
+from ._cli_results import RunSummary, errors_path_for, write_results
+from ._client import AsyncTogether
+from ._models import BatchJob
+from .gather import BatchRun, BatchRunSummary
+from .progress import job_percent
+
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "EMULATOR_LATENCY",
+    "RunDisplay",
+    "RunInterrupted",
+    "emulator_data_dir",
+    "run_batch_file",
+]
+
+DEFAULT_ENDPOINT = "/v1/chat/completions"
+EMULATOR_LATENCY = 0.02
+"""Simulated seconds per request on `--emulator`: 1,000 rows take about a second, so the
+progress display is visible without making anyone wait."""
+_REFRESH_SECONDS = 0.25
+
+
+class RunInterrupted(Exception):
+    """The run was interrupted (Ctrl-C); the message says what happened to its jobs."""
+
+
+def emulator_data_dir(state: Path) -> Path:
+    """Where `--emulator` keeps its files when `--state` is given, so a rerun can resume."""
+    return state.with_name(state.name + ".emulator")
+
+
+async def first_line_url(path: Path) -> str | None:
+    """The `url` of a batch file's first line, if it has one (the endpoint when none is given)."""
+
+    def read() -> bytes:
+        with path.open("rb") as file:
+            return file.readline(1024 * 1024)
+
+    try:
+        request = orjson.loads(await anyio.to_thread.run_sync(read))
+    except orjson.JSONDecodeError:
+        return None
+    url = request.get("url") if isinstance(request, dict) else None
+    return url if isinstance(url, str) and url.startswith("/") else None
+
+
+@contextlib.asynccontextmanager
+async def _open_target(args: argparse.Namespace) -> AsyncIterator[AsyncTogether]:
+    if not args.emulator:
+        async with AsyncTogether(api_key=args.api_key, base_url=args.base_url) as client:
+            yield client
+        return
+    from .emulator import Emulator
+
+    data_dir = None if args.state is None else emulator_data_dir(args.state)
+    # A fresh random key: the emulator then checks it like the real API would.
+    key = secrets.token_urlsafe(24)
+    async with Emulator(
+        data_dir=data_dir, api_key=key, latency=args.emulator_latency, concurrency=32
+    ) as emulator:
+        async with AsyncTogether(api_key=emulator.api_key, base_url=emulator.base_url) as client:
+            yield client
+
+
+async def run_batch_file(
+    args: argparse.Namespace,
+    *,
+    poll_interval: float,
+    max_interval: float,
+    display_stream: IO[str] | None,
+) -> RunSummary:
+    """Run args.input end to end and write the results files; the summary of what happened.
+
+    Args:
+        args: the parsed `run` options.
+        poll_interval, max_interval: the job polling schedule (see watch.PollSchedule).
+        display_stream: where the live display goes (stderr on a terminal), or None for none.
+
+    Raises:
+        RunInterrupted: when cancelled (Ctrl-C); the jobs are cancelled without --state and
+            left running (resumable) with it.
+    """
+    endpoint = args.endpoint or await first_line_url(args.input) or DEFAULT_ENDPOINT
+    options: dict[str, Any] = {
+        "endpoint": endpoint,
+        "model": args.model,
+        "max_requests_per_batch": args.max_requests_per_batch,
+        "state_path": args.state,
+        "poll_interval": poll_interval,
+        "max_interval": max_interval,
+    }
+    if args.max_attempts is not None:
+        options["max_attempts"] = args.max_attempts
+    run: BatchRun | None = None
+    try:
+        async with _open_target(args) as client:
+            display = None if display_stream is None else RunDisplay(display_stream)
+            run = BatchRun(client, args.input, progress=display or False, **options)
+            if display is None:
+                results = await run.gather()
+            else:
+                results = await display.follow(run)
+        errors_output = errors_path_for(args.output)
+        counts = await write_results(results, args.output, errors_output=errors_output)
+    except asyncio.CancelledError:
+        jobs = 0 if run is None else run.summary.jobs
+        raise RunInterrupted(interrupted_message(args, jobs)) from None
+    final = run.summary
+    return RunSummary(
+        input=args.input,
+        output=args.output,
+        errors_output=errors_output,
+        endpoint=endpoint,
+        jobs=final.jobs,
+        shards=final.shards,
+        rows=counts.total,
+        rows_ok=counts.ok,
+        rows_failed=counts.failed,
+        resubmitted_rows=final.resubmitted_rows,
+        prompt_tokens=final.usage.get("prompt_tokens", 0),
+        completion_tokens=final.usage.get("completion_tokens", 0),
+        total_tokens=final.usage.get("total_tokens", 0),
+        wall_seconds=final.wall_time,
+        resumed=final.resumed,
+        emulator=args.emulator,
+        state=args.state,
+    )
+
+
+def interrupted_message(args: argparse.Namespace, jobs: int) -> str:
+    """What to tell the user after Ctrl-C: what became of the jobs, and how to go on."""
+    rerun = f"together-async run {args.input} -o {args.output}"
+    if args.emulator:
+        rerun += " --emulator"
+    started = f"{jobs} batch job" + ("" if jobs == 1 else "s")
+    if args.state is not None:
+        return (
+            f"interrupted: the {started} already created keep running and are recorded in "
+            f"{args.state}.\nResume (nothing is uploaded or created twice) with:\n"
+            f"  {rerun} --state {args.state}"
+        )
+    suggestion = args.output.with_name(args.output.name + ".state")
+    return (
+        f"interrupted: the {started} this run created were cancelled.\n"
+        "To be able to resume after an interruption, pass --state next time, e.g.:\n"
+        f"  {rerun} --state {suggestion}"
+    )
+
+
+class RunDisplay:
+    """A live status line of a run on a terminal: rows done, jobs by status, rate.
+
+    Fed by the run's job watcher (it is a JobObserver) and by the run's summary, read a few
+    times a second. Draws with tqdm when it is installed (the `progress` extra), else with a
+    plain status line rewritten in place.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._jobs: dict[str, BatchJob] = {}
+        self._bar: Any = None
+        self._bar_tried = False
+        self._plain_width = 0
+        self._started = 0.0
+
+    # JobObserver
+    def update(self, job: BatchJob) -> None:
+        """Take note of a job's new state."""
+        self._jobs[job.id] = job
+
+    def close(self) -> None:
+        """The watcher ended; the display itself ends with the run."""
+
+    async def follow(self, run: BatchRun) -> list[Any]:
+        """Run `run.gather()` while redrawing the status line; its results."""
+        self._started = anyio.current_time()
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._redraw_forever, run)
+                results = await run.gather()
+                group.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._finish, run.summary)
+        return results
+
+    async def _redraw_forever(self, run: BatchRun) -> None:
+        while True:
+            await anyio.to_thread.run_sync(self._draw, run.summary)
+            await anyio.sleep(_REFRESH_SECONDS)
+
+    def status(self, summary: BatchRunSummary) -> tuple[int, str]:
+        """Rows done so far (collected, or done on the server, whichever is ahead) and the
+        jobs part of the line."""
+        collected = summary.rows_ok + summary.rows_failed
+        percents = [job_percent(job) or 0.0 for job in self._jobs.values()]
+        # Shards are about equal in size, so the mean percent over all shards (jobs not yet
+        # created count 0) approximates the share of rows the server has finished.
+        shards = max(summary.shards, len(self._jobs), 1)
+        on_server = int(summary.rows * sum(percents) / 100 / shards)
+        done = min(summary.rows, max(collected, on_server))
+        by_status: dict[str, int] = {}
+        for job in self._jobs.values():
+            name = str(job.status or "UNKNOWN")
+            by_status[name] = by_status.get(name, 0) + 1
+        statuses = ", ".join(f"{count} {name}" for name, count in sorted(by_status.items()))
+        if summary.jobs < summary.shards:
+            jobs = f"{summary.jobs} of {summary.shards} jobs started"
+        else:
+            jobs = f"{summary.jobs} job" + ("" if summary.jobs == 1 else "s")
+        if statuses:
+            jobs += f" ({statuses})"
+        return done, f"{jobs}, {collected:,} results collected"
+
+    def _draw(self, summary: BatchRunSummary) -> None:
+        if summary.rows == 0:
+            return  # still reading the input
+        done, jobs = self.status(summary)
+        if not self._bar_tried:
+            self._bar_tried = True
+            self._bar = _make_bar(summary.rows, self._stream)
+        if self._bar is not None:
+            self._bar.total = summary.rows
+            self._bar.n = done
+            self._bar.set_postfix_str(jobs, refresh=False)
+            self._bar.refresh()
+            return
+        elapsed = max(anyio.current_time() - self._started, 1e-9)
+        line = (
+            f"{done:,}/{summary.rows:,} rows ({100 * done / summary.rows:.0f}%), "
+            f"{done / elapsed:,.0f} rows/s, {int(elapsed)} s | {jobs}"
+        )
+        self._stream.write("\r" + line.ljust(self._plain_width))
+        self._stream.flush()
+        self._plain_width = len(line)
+
+    def _finish(self, summary: BatchRunSummary) -> None:
+        self._draw(summary)
+        if self._bar is not None:
+            self._bar.close()
+        elif self._plain_width:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def _make_bar(total: int, stream: IO[str]) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(
+        total=total,
+        file=stream,
+        unit="row",
+        unit_scale=False,
+        dynamic_ncols=True,
+        desc="run",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} rows "
+        "[{elapsed}, {rate_fmt}]{postfix}",
+    )
+
+
+def stderr_is_terminal() -> bool:
+    """True when stderr is a terminal (the live display is drawn only then)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
