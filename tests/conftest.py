@@ -103,3 +103,10 @@ async def api(emulator: Emulator) -> AsyncIterator[RawAPI]:
         headers={"Authorization": f"Bearer {emulator.api_key}"}
     ) as session:
         yield RawAPI(session, emulator.base_url)
+
+
+@pytest.fixture
+async def client(emulator: Emulator) -> AsyncIterator[AsyncTogether]:
+    """An AsyncTogether for the `emulator` fixture, closed at teardown."""
+    async with AsyncTogether(base_url=emulator.base_url, api_key=emulator.api_key) as together:
+        yield together
