@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 import orjson
@@ -35,6 +35,7 @@ from .storage import (
     JobRecord,
     Storage,
     UploadSink,
+    in_thread,
     is_file_id,
     is_job_id,
     new_file_id,
@@ -113,6 +114,7 @@ class AppContext:
 
 
 _CONTEXT = web.AppKey("context", AppContext)
+_RESET_MID_BODY = web.RequestKey("reset_mid_body", bool)
 
 
 # -- wire shapes ----------------------------------------------------------------------------
@@ -291,7 +293,7 @@ async def _strike(
         _drop_connection(request)
         return web.Response(status=500)
     if path == "/files/{id}/content":
-        request["reset_mid_body"] = True
+        request[_RESET_MID_BODY] = True
         return await handler(request)
     response = await handler(request)
     if not isinstance(response, web.Response) or response.body is None:
@@ -547,7 +549,7 @@ async def file_content(request: web.Request) -> web.StreamResponse:
             status = 206
     path = request.app[_CONTEXT].storage.body_path(record.id)
     try:
-        handle = await asyncio.to_thread(path.open, "rb")
+        handle: BinaryIO = await in_thread(path.open, "rb", on_abandon=_close_file)
     except FileNotFoundError:
         return _file_not_found(request)
     try:
@@ -564,11 +566,11 @@ async def file_content(request: web.Request) -> web.StreamResponse:
         if status == 206:
             response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         await response.prepare(request)
-        stop = start + (end - start) // 2 if request.get("reset_mid_body") else end
+        stop = start + (end - start) // 2 if request.get(_RESET_MID_BODY) else end
         position = start
-        await asyncio.to_thread(handle.seek, start)
+        await in_thread(handle.seek, start)
         while position < stop:
-            chunk = await asyncio.to_thread(handle.read, min(IO_CHUNK, stop - position))
+            chunk = await in_thread(handle.read, min(IO_CHUNK, stop - position))
             if not chunk:
                 break
             await response.write(chunk)
@@ -579,7 +581,11 @@ async def file_content(request: web.Request) -> web.StreamResponse:
         await response.write_eof()
         return response
     finally:
-        await asyncio.to_thread(handle.close)
+        await in_thread(handle.close)
+
+
+def _close_file(handle: BinaryIO) -> None:
+    handle.close()
 
 
 def _safe_name(name: str) -> str:

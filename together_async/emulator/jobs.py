@@ -24,7 +24,7 @@ import orjson
 
 from .._jsonl import BatchFileReport, LineSplitter, check_batch_file
 from .engines import Engine, EngineReply
-from .storage import IO_CHUNK, FileRecord, JobRecord, Storage, new_file_id
+from .storage import IO_CHUNK, FileRecord, JobRecord, Storage, in_thread, new_file_id
 
 __all__ = ["JobRunner", "RunnerSettings", "parse_completion_window"]
 
@@ -192,7 +192,7 @@ class _ResultWriter:
 
     async def _commit(self, output: list[bytes], errors: list[bytes], lines: array[int]) -> None:
         output_count, error_count = len(output), len(errors)
-        output_size, error_size = await asyncio.to_thread(self._write_blocking, output, errors)
+        output_size, error_size = await in_thread(self._write_blocking, output, errors)
         self.output_bytes += output_size
         self.error_bytes += error_size
         self.output_rows += output_count
@@ -239,7 +239,7 @@ class _InputReader:
         """The next batch of (0-based line number, line); empty at the end."""
         if self._eof:
             return []
-        return await asyncio.to_thread(self._read_blocking)
+        return await in_thread(self._read_blocking)
 
     def _read_blocking(self) -> list[tuple[int, bytes]]:
         if self._handle is None:
@@ -434,7 +434,9 @@ class JobRunner:
         for blob in await self._storage.committed_lines(job.id):
             for line in array("I", blob):
                 done[line] = 1
-        output_handle, error_handle = await asyncio.to_thread(self._open_partials, job, job_dir)
+        output_handle, error_handle = await in_thread(
+            self._open_partials, job, job_dir, on_abandon=_close_pair
+        )
         writer = _ResultWriter(self._storage, job, self._settings, output_handle, error_handle)
         reader = _InputReader(self._storage.body_path(job.input_file_id))
         try:
@@ -445,7 +447,7 @@ class JobRunner:
             # Also on shutdown: rows already answered are committed before the runner stops.
             with contextlib.suppress(Exception):
                 await writer.drain()
-            await asyncio.to_thread(_close_all, reader, output_handle, error_handle)
+            await in_thread(_close_all, reader, output_handle, error_handle)
         await self._finish(job.id, stopped or "COMPLETED", writer=writer)
 
     @staticmethod
@@ -559,9 +561,7 @@ class JobRunner:
                 file_id = new_file_id()
                 # A hard link, not a move: if we die before the commit below, the partial file
                 # is still where a resumed run expects it (the link is an orphan, swept later).
-                await asyncio.to_thread(
-                    _link_durably, job_dir / name, self._storage.body_path(file_id)
-                )
+                await in_thread(_link_durably, job_dir / name, self._storage.body_path(file_id))
                 kind = "output" if field == "output_file_id" else "errors"
                 new_files.append(
                     FileRecord(
@@ -600,6 +600,11 @@ def _engine_failure(exc: Exception) -> EngineReply:
         error_message=f"engine error: {type(exc).__name__}",
         error_code="internal_error",
     )
+
+
+def _close_pair(handles: tuple[BinaryIO, BinaryIO]) -> None:
+    for handle in handles:
+        handle.close()
 
 
 def _close_all(reader: _InputReader, *handles: BinaryIO) -> None:

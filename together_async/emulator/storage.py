@@ -8,6 +8,7 @@ Every SQLite call runs on one dedicated worker thread; body I/O runs on worker t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -29,6 +30,7 @@ __all__ = [
     "JobRecord",
     "Storage",
     "UploadSink",
+    "in_thread",
     "is_file_id",
     "is_job_id",
     "new_file_id",
@@ -92,6 +94,27 @@ CREATE TABLE IF NOT EXISTS job_commits (
     PRIMARY KEY (job_id, seq)
 );
 """
+
+
+async def in_thread(
+    fn: Callable[..., T], *args: Any, on_abandon: Callable[[T], None] | None = None
+) -> T:
+    """Run `fn(*args)` in a worker thread and wait for it even if the caller is cancelled.
+
+    asyncio.to_thread returns at once on cancellation while the thread runs on: a file it
+    opens then leaks, and a close can race a read. Here cancellation waits for the thread,
+    hands its result to `on_abandon` (e.g. to close what it opened), then propagates.
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(future)
+        if on_abandon is not None and not future.cancelled() and future.exception() is None:
+            on_abandon(future.result())
+        raise
 
 
 def new_file_id() -> str:
@@ -594,6 +617,10 @@ class Storage:
         return await self._db(commit)
 
 
+def _close(handle: BinaryIO) -> None:
+    handle.close()
+
+
 def _replace_durably(source: Path, target: Path) -> None:
     os.replace(source, target)
     _fsync_dir(target.parent)
@@ -624,7 +651,8 @@ class UploadSink:
 
     async def open(self) -> None:
         """Create the file."""
-        self._handle = await asyncio.to_thread(self.path.open, "wb")
+        handle: BinaryIO = await in_thread(self.path.open, "wb", on_abandon=_close)
+        self._handle = handle
 
     async def write(self, chunk: bytes) -> None:
         """Add a chunk; it reaches the disk once about 1 MiB has gathered."""
@@ -640,7 +668,7 @@ class UploadSink:
         data = b"".join(self._pending)
         self._pending.clear()
         self._pending_size = 0
-        await asyncio.to_thread(self._write_blocking, data)
+        await in_thread(self._write_blocking, data)
 
     def _write_blocking(self, data: bytes) -> None:
         assert self._handle is not None
@@ -657,7 +685,7 @@ class UploadSink:
             os.fsync(self._handle.fileno())
             self._handle.close()
 
-        await asyncio.to_thread(close)
+        await in_thread(close)
         return self.size, self._hash.hexdigest()
 
     async def discard(self) -> None:
@@ -668,4 +696,4 @@ class UploadSink:
                 self._handle.close()
             self.path.unlink(missing_ok=True)
 
-        await asyncio.to_thread(remove)
+        await in_thread(remove)
