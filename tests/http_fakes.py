@@ -90,7 +90,8 @@ class FakeFiles:
     (200 with the file object), "missing" (404, so the client falls back to /files/upload).
     Storage answers `storage_failures` 503s first; `storage_redirects` maps a path to the
     Location it redirects to. Content downloads honour Range; `drop_after` cuts the first
-    `len(drop_after)` downloads after that many bytes; `ignore_range` answers 200 to a Range.
+    `len(drop_after)` downloads after that many bytes; `ignore_range` answers 200 to a Range;
+    `content_failures` 503s come before any content.
     """
 
     def __init__(self) -> None:
@@ -106,6 +107,7 @@ class FakeFiles:
         self.location_override: str | None = None
         self.drop_after: list[int] = []
         self.ignore_range = False
+        self.content_failures = 0
         self.forms: list[dict[str, Any]] = []
         self.api_server: Any = None  # the TestServer of api_app(), set by the fixture
         self._next_id = 0
@@ -202,6 +204,9 @@ class FakeFiles:
         file_id = request.match_info["id"]
         if file_id not in self.contents:
             return web.json_response({"error": "file not found"}, status=404)
+        if self.content_failures > 0:
+            self.content_failures -= 1
+            return web.json_response({"error": "try again"}, status=503)
         content = self.contents[file_id]
         start = 0
         status = 200

@@ -21,6 +21,7 @@ from together_async import (
     AuthenticationError,
     BadRequestError,
     ClientClosedError,
+    ClientConfig,
     InternalServerError,
     MissingAPIKeyError,
     RateLimitError,
@@ -387,3 +388,21 @@ async def test_client_refuses_a_second_event_loop(serve: Serve) -> None:
 
     await asyncio.to_thread(in_another_loop)
     await client.aclose()
+
+
+async def test_from_config_spells_out_every_setting(serve: Serve) -> None:
+    """AsyncTogether.from_config runs with the given retry policy."""
+    recorder = Recorder()
+    server = await serve(batches_app(recorder, reply({"error": "x"}, status=503)))
+    config = ClientConfig(
+        api_key=SECRET_KEY,
+        base_url=str(server.make_url("/v1")),
+        max_retries=3,
+        retry_wait_initial=0.0,
+        retry_wait_jitter=0.0,
+    )
+    async with AsyncTogether.from_config(config) as client:
+        assert client.config is config
+        with pytest.raises(InternalServerError):
+            await client.batches.list_batches()
+    assert len(recorder.requests) == 4

@@ -399,6 +399,27 @@ async def test_failed_download_leaves_nothing_behind(
     assert names_in(tmp_path) == []
 
 
+async def test_download_open_is_retried(
+    fake: FakeFiles, client: AsyncTogether, tmp_path: Path
+) -> None:
+    """A 503 before the content starts is retried like any call."""
+    file_id = fake.add_file(DATA)
+    fake.content_failures = 2
+    downloaded = await client.files.retrieve_content(file_id, output=tmp_path / "out.jsonl")
+    assert downloaded.bytes == len(DATA)
+    assert len(fake.api.requests) == 3
+
+
+async def test_download_into_a_missing_directory_is_refused(
+    fake: FakeFiles, client: AsyncTogether, tmp_path: Path
+) -> None:
+    """An output whose directory does not exist raises InvalidArgumentError; nothing is sent."""
+    file_id = fake.add_file(DATA)
+    with pytest.raises(InvalidArgumentError, match="does not exist"):
+        await client.files.retrieve_content(file_id, output=tmp_path / "no" / "out.jsonl")
+    assert fake.api.requests == []
+
+
 async def test_iter_lines_streams_the_remote_lines(fake: FakeFiles, client: AsyncTogether) -> None:
     """iter_lines gives each line of the remote file, without its newline."""
     file_id = fake.add_file(b"a\nbb\r\nccc")

@@ -452,6 +452,8 @@ class Files:
         target = Path(output) if output is not None else Path(f"{file_id}.jsonl")
         if await anyio.Path(target).is_dir():
             target = target / f"{file_id}.jsonl"
+        if not await anyio.Path(target.parent).is_dir():
+            raise InvalidArgumentError(f"output directory {target.parent} does not exist")
         partial_path = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
         size = 0
         try:
@@ -528,17 +530,19 @@ class Files:
             if offset:
                 headers["Range"] = f"bytes={offset}-"
             received_before = offset
-            try:
-                async with AsyncExitStack() as stack:
-                    response = await client._open_stream(
-                        "GET",
-                        url,
-                        headers=headers,
-                        accept=frozenset({206}),
-                        max_retries=max_retries,
-                        stack=stack,
-                    )
-                    skip = _bytes_to_skip(response.status, response.headers, offset)
+            dropped: APIConnectionError | None = None
+            async with AsyncExitStack() as stack:
+                # Opening is retried inside; a failure to open propagates from here.
+                response = await client._open_stream(
+                    "GET",
+                    url,
+                    headers=headers,
+                    accept=frozenset({206}),
+                    max_retries=max_retries,
+                    stack=stack,
+                )
+                skip = _bytes_to_skip(response.status, response.headers, offset)
+                try:
                     async for chunk in response.iter_chunks():
                         if skip:
                             if len(chunk) <= skip:
@@ -548,15 +552,17 @@ class Files:
                             skip = 0
                         offset += len(chunk)
                         yield chunk
+                except APIConnectionError as exc:
+                    dropped = exc
+            if dropped is None:
                 return
-            except APIConnectionError as exc:
-                resumes += 1
-                stalls = 0 if offset > received_before else stalls + 1
-                if stalls >= attempts or resumes > MAX_DOWNLOAD_RESUMES:
-                    raise
-                logger.info(
-                    "file %s: connection lost at byte %d (%s); resuming", file_id, offset, exc
-                )
+            resumes += 1
+            stalls = 0 if offset > received_before else stalls + 1
+            if stalls >= attempts or resumes > MAX_DOWNLOAD_RESUMES:
+                raise dropped
+            logger.info(
+                "file %s: connection lost at byte %d (%s); resuming", file_id, offset, dropped
+            )
 
 
 def _bytes_to_skip(status: int, headers: Any, offset: int) -> int:
