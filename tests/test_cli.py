@@ -5,12 +5,17 @@ calls of `run_cli` for the quick sub-commands and unit tests of the output helpe
 
 from __future__ import annotations
 
+import fcntl
+import io
 import json
 import os
+import pty
 import queue
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import urllib.request
@@ -76,7 +81,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 class ServedEmulator:
     """A `together-async serve` subprocess on a free port, requiring API_KEY."""
 
-    def __init__(self, tmp: Path, *extra: str) -> None:
+    def __init__(self, tmp: Path, *extra: str, data_dir: Path | None = None) -> None:
         self.log = (tmp / "serve.log").open("w")
         self.process = subprocess.Popen(
             [
@@ -89,7 +94,7 @@ class ServedEmulator:
                 "--api-key",
                 API_KEY,
                 "--data-dir",
-                str(tmp / "emulator-data"),
+                str(data_dir or tmp / "emulator-data"),
                 *extra,
             ],
             env=_clean_env(),
@@ -299,6 +304,45 @@ def test_sigint_then_rerun_with_state_creates_no_duplicate_job(
     jobs = slow_served.jobs()
     input_files = [job["input_file_id"] for job in jobs]
     assert len(jobs) == 3 and len(set(input_files)) == 3
+
+
+def test_emulator_run_interrupted_with_state_resumes_on_the_same_emulator_data(
+    tmp_path: Path,
+) -> None:
+    """`run --emulator --state`: Ctrl-C, rerun, done; the emulator's data holds no extra job."""
+    ids = write_requests(tmp_path / "in.jsonl", 600)
+    command = [
+        sys.executable, "-m", "together_async", "run", "in.jsonl", "-o", "out.jsonl",
+        "--emulator", "--emulator-latency", "0.05", "--state", "run.state",
+        "--max-requests-per-batch", "200",
+    ]  # fmt: skip
+    log: list[str] = []
+    with subprocess.Popen(
+        [*command, "--debug"], cwd=tmp_path, env=_clean_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    ) as first:  # fmt: skip
+        assert first.stderr is not None
+        for line in first.stderr:  # ends when the process does, so this wait is bounded
+            log.append(line)
+            if "created batch" in line:
+                first.send_signal(signal.SIGINT)
+                break
+        log.extend(first.stderr)
+        first.wait(timeout=RUN_TIMEOUT)
+    assert first.returncode == 130, "".join(log)
+    assert "--emulator --state run.state" in log[-1]
+
+    second = cli(*command[3:], "--json", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["resumed"] is True
+    assert [row["custom_id"] for row in read_jsonl(tmp_path / "out.jsonl")] == ids
+
+    server = ServedEmulator(tmp_path, data_dir=tmp_path / "run.state.emulator")
+    try:
+        jobs = server.jobs()
+    finally:
+        server.stop()
+    assert len(jobs) == 3 and len({job["input_file_id"] for job in jobs}) == 3
 
 
 def test_sigint_without_state_cancels_the_jobs(tmp_path: Path, slow_served: ServedEmulator) -> None:
@@ -541,6 +585,53 @@ def test_run_display_counts_rows_and_jobs() -> None:
     done, text = display.status(summary)
     assert done == 50
     assert text == "1 of 2 jobs started (1 IN_PROGRESS), 0 results collected"
+
+
+def test_plain_run_display_draws_from_a_worker_thread() -> None:
+    """Without tqdm the display rewrites one plain line, and drawing needs no event loop."""
+    stream = io.StringIO()
+    display = RunDisplay(stream, use_tqdm=False)
+    worker = threading.Thread(target=display.finish, args=(200, 50, "1 job (1 IN_PROGRESS)"))
+    worker.start()
+    worker.join()
+    text = stream.getvalue()
+    assert text.startswith("\r50/200 rows (25%), ") and text.endswith("| 1 job (1 IN_PROGRESS)\n")
+
+
+def test_run_on_a_terminal_shows_live_progress(tmp_path: Path) -> None:
+    """With stderr on a terminal, `run` draws a progress line there; stdout keeps the summary."""
+    write_requests(tmp_path / "in.jsonl", 200)
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "together_async", "run", "in.jsonl", "-o", "out.jsonl",
+            "--emulator", "--emulator-latency", "0.05",
+        ],
+        cwd=tmp_path, env=_clean_env(), stdout=subprocess.PIPE, stderr=terminal, text=True,
+    )  # fmt: skip
+    os.close(terminal)
+    drawn = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the terminal's other end closed
+                return
+            if not chunk:
+                return
+            drawn.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    stdout, _ = process.communicate(timeout=RUN_TIMEOUT)
+    reader.join(timeout=10)
+    os.close(controller)
+    assert process.returncode == 0
+    assert "200/200 rows" in drawn.decode(errors="replace")
+    assert "1 job" in drawn.decode(errors="replace")
+    assert stdout.startswith("Done: 200 requests")
 
 
 def test_render_summary_names_the_files() -> None:

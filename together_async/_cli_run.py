@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import secrets
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO, Any
@@ -175,13 +176,18 @@ class RunDisplay:
     plain status line rewritten in place.
     """
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str], *, use_tqdm: bool = True) -> None:
+        """Args:
+        stream: where to draw (a terminal).
+        use_tqdm: False to draw the plain status line even when tqdm is installed.
+        """
         self._stream = stream
         self._jobs: dict[str, BatchJob] = {}
         self._bar: Any = None
-        self._bar_tried = False
+        self._bar_tried = not use_tqdm
         self._plain_width = 0
-        self._started = 0.0
+        # Drawing happens in worker threads, where there is no event loop clock.
+        self._started = time.monotonic()
 
     # JobObserver
     def update(self, job: BatchJob) -> None:
@@ -193,7 +199,7 @@ class RunDisplay:
 
     async def follow(self, run: BatchRun) -> list[Any]:
         """Run `run.gather()` while redrawing the status line; its results."""
-        self._started = anyio.current_time()
+        self._started = time.monotonic()
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._redraw_forever, run)
@@ -201,12 +207,18 @@ class RunDisplay:
                 group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._finish, run.summary)
+                summary = run.summary
+                done, text = self.status(summary)
+                await anyio.to_thread.run_sync(self.finish, summary.rows, done, text)
         return results
 
     async def _redraw_forever(self, run: BatchRun) -> None:
         while True:
-            await anyio.to_thread.run_sync(self._draw, run.summary)
+            # The figures are taken here, on the loop that updates them; only the drawing,
+            # which may block on a slow terminal, goes to a worker thread.
+            summary = run.summary
+            done, text = self.status(summary)
+            await anyio.to_thread.run_sync(self.draw, summary.rows, done, text)
             await anyio.sleep(_REFRESH_SECONDS)
 
     def status(self, summary: BatchRunSummary) -> tuple[int, str]:
@@ -232,30 +244,31 @@ class RunDisplay:
             jobs += f" ({statuses})"
         return done, f"{jobs}, {collected:,} results collected"
 
-    def _draw(self, summary: BatchRunSummary) -> None:
-        if summary.rows == 0:
+    def draw(self, rows: int, done: int, text: str) -> None:
+        """Redraw the line: `done` of `rows`, then `text` (blocking: call from a thread)."""
+        if rows == 0:
             return  # still reading the input
-        done, jobs = self.status(summary)
         if not self._bar_tried:
             self._bar_tried = True
-            self._bar = _make_bar(summary.rows, self._stream)
+            self._bar = _make_bar(rows, self._stream)
         if self._bar is not None:
-            self._bar.total = summary.rows
+            self._bar.total = rows
             self._bar.n = done
-            self._bar.set_postfix_str(jobs, refresh=False)
+            self._bar.set_postfix_str(text, refresh=False)
             self._bar.refresh()
             return
-        elapsed = max(anyio.current_time() - self._started, 1e-9)
+        elapsed = max(time.monotonic() - self._started, 1e-9)
         line = (
-            f"{done:,}/{summary.rows:,} rows ({100 * done / summary.rows:.0f}%), "
-            f"{done / elapsed:,.0f} rows/s, {int(elapsed)} s | {jobs}"
+            f"{done:,}/{rows:,} rows ({100 * done / rows:.0f}%), "
+            f"{done / elapsed:,.0f} rows/s, {int(elapsed)} s | {text}"
         )
         self._stream.write("\r" + line.ljust(self._plain_width))
         self._stream.flush()
         self._plain_width = len(line)
 
-    def _finish(self, summary: BatchRunSummary) -> None:
-        self._draw(summary)
+    def finish(self, rows: int, done: int, text: str) -> None:
+        """Draw the last state and end the line (blocking)."""
+        self.draw(rows, done, text)
         if self._bar is not None:
             self._bar.close()
         elif self._plain_width:
