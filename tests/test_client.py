@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestServer, unused_port
 from http_fakes import SECRET_KEY, Recorder, job_json
 
 from together_async import (
@@ -72,16 +72,14 @@ async def test_requests_carry_the_key_and_a_user_agent(
 def test_client_made_outside_a_loop_opens_its_session_lazily() -> None:
     """Notebook style: construct with no running loop, then await calls; the session opens on
     the first call, inside the running loop."""
-    client = AsyncTogether(api_key=SECRET_KEY, base_url="http://127.0.0.1:1")
+    port = unused_port()
+    client = AsyncTogether(api_key=SECRET_KEY, base_url=f"http://127.0.0.1:{port}")
     assert client.state == "unopened"
 
     async def main() -> list[str]:
-        server = TestServer(batches_app(Recorder()))
+        server = TestServer(batches_app(Recorder()), host="127.0.0.1", port=port)
         await server.start_server()
         try:
-            client._config = client.config.__class__(
-                api_key=SECRET_KEY, base_url=str(server.make_url("/v1"))
-            )
             jobs = await client.batches.list_batches()
             assert client.state == "open"
             return [job.id for job in jobs]
