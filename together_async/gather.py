@@ -485,12 +485,14 @@ class _Workspace:
             os.replace(self.scratch / shard.name, self.inputs / shard.name)
 
     async def aclose(self) -> None:
-        run = None
         try:
-            run = await self.manifest.run()
-        finally:
+            recorded = await self.manifest.run() is not None
+        except Exception:
+            recorded = True  # unreadable: certainly not ours to delete
+        try:
             await self.manifest.aclose()
-            await anyio.to_thread.run_sync(self._clean_up, run is None)
+        finally:
+            await anyio.to_thread.run_sync(self._clean_up, not recorded)
 
     def _clean_up(self, nothing_recorded: bool) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
