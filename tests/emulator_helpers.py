@@ -140,8 +140,23 @@ class RawAPI:
 # -- the OpenAPI subset ---------------------------------------------------------------------------
 
 SPEC_PATH = Path(__file__).parent / "data" / "together-openapi-files-batches.yaml"
+
+
+def _honour_nullable(node: Any) -> Any:
+    """The spec says 3.1 but marks some fields with 3.0's `nullable: true`: read it as
+    `type: [<type>, "null"]`, as its authors meant."""
+    if isinstance(node, dict):
+        node = {key: _honour_nullable(value) for key, value in node.items()}
+        if node.get("nullable") is True and isinstance(node.get("type"), str):
+            node["type"] = [node["type"], "null"]
+        return node
+    if isinstance(node, list):
+        return [_honour_nullable(item) for item in node]
+    return node
+
+
 # Read once at import, outside any event loop.
-SPEC: dict[str, Any] = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
+SPEC: dict[str, Any] = _honour_nullable(yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8")))
 
 
 def spec_schema(method: str, path: str, status: int) -> dict[str, Any]:

@@ -330,6 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD_BYTES)
     parser.add_argument("--seed", type=int, default=0, help="seed of faults and output order")
+    parser.add_argument("--access-log", action="store_true", help="log every request")
     faults = parser.add_argument_group("fault injection (API port only)")
     faults.add_argument(
         "--fault-error-rate", type=float, default=0.0, help="share answered 500/503"
@@ -427,6 +428,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Build the emulator from parsed options and serve it; returns the exit status."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not getattr(args, "access_log", False):
+        logging.getLogger("together_async.emulator.access").setLevel(logging.WARNING)
     try:
         emulator = emulator_from_args(args)
     except ValueError as exc:
