@@ -143,6 +143,9 @@ class EchoEngine(Engine):
             raise ValueError("embedding_dimensions must be within 1..4096")
         self.embedding_dimensions = embedding_dimensions
 
+    def __repr__(self) -> str:
+        return f"EchoEngine(embedding_dimensions={self.embedding_dimensions})"
+
     def respond_now(self, endpoint: str, body: Any, *, custom_id: str, created: int) -> EngineReply:
         """Answer one request synchronously."""
         if not isinstance(body, dict):

@@ -90,7 +90,7 @@ class Emulator:
         concurrency: int = 32,
         time_factor: float = 1.0,
         validation_delay: float = 0.0,
-        faults: Sequence[Fault] = (),
+        faults: Sequence[Fault] | None = None,
         seed: int = 0,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         max_lines: int = 50_000,
@@ -120,7 +120,7 @@ class Emulator:
         )
         self._max_upload_bytes = max_upload_bytes
         self._shutdown_timeout = shutdown_timeout
-        self.faults = FaultInjector(faults, seed=seed)
+        self.faults = FaultInjector(faults or (), seed=seed)
         """The fault injector: `emu.faults.add(Fault(...))`, `emu.faults.clear()`."""
         self.stats = EmulatorStats()
         """Counters of what was served (see `EmulatorStats`)."""

@@ -269,7 +269,8 @@ class Storage:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await self._db(conn.close)
-        self._db_thread.shutdown(wait=True)
+        # The close above ran after every call queued before it, so nothing is left to wait for.
+        self._db_thread.shutdown(wait=False)
 
     # -- paths -----------------------------------------------------------------------------
 
