@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import orjson
 
+from . import watch
 from ._convert import result_from_row, structure
 from ._errors import APIError, APIResponseValidationError, InvalidArgumentError
 from ._models import BatchEndpoint, BatchJob, BatchResult
@@ -25,6 +26,7 @@ from ._protocol import (
     unwrap_job,
     with_context,
 )
+from .watch import BatchWatcher, JobObserver
 
 if TYPE_CHECKING:
     from ._client import AsyncTogether
@@ -198,6 +200,97 @@ class Batches:
             max_retries=max_retries,
         )
         return structure(unwrap_job(payload)[0], BatchJob)
+
+    def stream_status(
+        self,
+        id: str,
+        *,
+        poll_interval: float = 2.0,
+        max_interval: float = 30.0,
+        backoff: float = 1.5,
+        max_consecutive_failures: int = 20,
+        progress: bool | JobObserver = False,
+    ) -> BatchWatcher:
+        """Follow one job: its current state, then each change, ending after a terminal one.
+
+        Failed polls are retried on an adaptive schedule (quick at first, settling at
+        `max_interval`, Retry-After honoured); see `watch.stream_status` for the details.
+
+        Example:
+            async for job in client.batches.stream_status(job.id):
+                print(job.status, job.progress)
+        """
+        return watch.stream_status(
+            self,
+            id,
+            poll_interval=poll_interval,
+            max_interval=max_interval,
+            backoff=backoff,
+            max_consecutive_failures=max_consecutive_failures,
+            progress=progress,
+        )
+
+    async def wait(
+        self,
+        id: str,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 2.0,
+        max_interval: float = 30.0,
+        backoff: float = 1.5,
+        max_consecutive_failures: int = 20,
+        progress: bool | JobObserver = False,
+    ) -> BatchJob:
+        """Wait for a job to finish and return its terminal state.
+
+        Past `timeout` seconds this raises `WaitTimeoutError` (with `batch_id` and
+        `last_job`); the job is left running, never cancelled.
+
+        Example:
+            job = await client.batches.wait(job.id, timeout=3600)
+        """
+        return await watch.wait(
+            self,
+            id,
+            timeout=timeout,
+            poll_interval=poll_interval,
+            max_interval=max_interval,
+            backoff=backoff,
+            max_consecutive_failures=max_consecutive_failures,
+            progress=progress,
+        )
+
+    def stream_statuses(
+        self,
+        ids: Iterable[str],
+        *,
+        poll_interval: float = 2.0,
+        max_interval: float = 30.0,
+        backoff: float = 1.5,
+        max_consecutive_failures: int = 20,
+        max_concurrent_gets: int = 8,
+        progress: bool | JobObserver = False,
+    ) -> BatchWatcher:
+        """Follow many jobs with one `list_batches` call per tick: the merged changes of all.
+
+        Ends once every job is terminal. For a set of jobs that grows while you watch, use
+        `BatchWatcher(client.batches, open_ended=True)` with `add()` and `seal()`.
+
+        Example:
+            async for job in client.batches.stream_statuses(ids):
+                if job.is_terminal:
+                    print(job.id, job.status)
+        """
+        return watch.stream_statuses(
+            self,
+            ids,
+            poll_interval=poll_interval,
+            max_interval=max_interval,
+            backoff=backoff,
+            max_consecutive_failures=max_consecutive_failures,
+            max_concurrent_gets=max_concurrent_gets,
+            progress=progress,
+        )
 
     def results(
         self, id_or_job: str | BatchJob, *, max_retries: int | None = None

@@ -229,6 +229,7 @@ class BatchWatcher:
         self._delay: float | None = None
         self._next_tick_at: float | None = None
         self._failures = 0
+        self._ticks = 0
         for batch_id in ids:
             self.add(batch_id)
         self._observer = self._make_observer(progress)
@@ -252,6 +253,11 @@ class BatchWatcher:
     def unfinished(self) -> list[str]:
         """The ids not seen in a terminal state yet."""
         return list(self._unfinished)
+
+    @property
+    def ticks(self) -> int:
+        """How many rounds of polling were made (each is one list call, plus gets if needed)."""
+        return self._ticks
 
     @property
     def latest(self) -> dict[str, BatchJob]:
@@ -325,6 +331,7 @@ class BatchWatcher:
         return self._ready.popleft()
 
     async def _tick(self) -> None:
+        self._ticks += 1
         ids = list(self._unfinished)
         seen: dict[str, BatchJob] = {}
         failures: list[Exception] = []
