@@ -138,14 +138,14 @@ class _ListSink:
 class _StreamSink:
     """Hands results to the stream's consumer a chunk at a time, waiting when it lags."""
 
-    def __init__(self, send: MemoryObjectSendStream[list[BatchResult]]) -> None:
+    def __init__(self, send: MemoryObjectSendStream[list[tuple[int, BatchResult]]]) -> None:
         self._send = send
 
     def start(self, rows: int) -> None:
         pass
 
     async def deliver(self, chunk: list[tuple[int, BatchResult]]) -> None:
-        await self._send.send([result for _, result in chunk])
+        await self._send.send(chunk)
 
 
 class BatchRun:
@@ -250,7 +250,16 @@ class BatchRun:
         explicitly if you may stop before the end: `async with contextlib.aclosing(...)`.
         """
         self._claim()
-        return self._stream()
+        return self._stream(with_positions=False)
+
+    def stream_with_positions(self) -> AsyncGenerator[tuple[int, BatchResult], None]:
+        """Like stream(), each result with its 0-based input position: `(position, result)`.
+
+        For consumers that put results back in input order without holding them all (the
+        command line spools them to disk and indexes them by position).
+        """
+        self._claim()
+        return self._stream(with_positions=True)
 
     # --- running ----------------------------------------------------------------------
 
@@ -261,8 +270,8 @@ class BatchRun:
             )
         self._started = True
 
-    async def _stream(self) -> AsyncGenerator[BatchResult, None]:
-        send, receive = anyio.create_memory_object_stream[list[BatchResult]](
+    async def _stream(self, *, with_positions: bool) -> AsyncGenerator[Any, None]:
+        send, receive = anyio.create_memory_object_stream[list[tuple[int, BatchResult]]](
             max_buffer_size=_STREAM_BUFFER_CHUNKS
         )
         # A plain task rather than a task group: an async generator must not yield inside a
@@ -271,8 +280,12 @@ class BatchRun:
         try:
             with receive:
                 async for chunk in receive:
-                    for result in chunk:
-                        yield result
+                    if with_positions:
+                        for item in chunk:
+                            yield item
+                    else:
+                        for _, result in chunk:
+                            yield result
         finally:
             if not runner.done():
                 runner.cancel()
@@ -282,7 +295,9 @@ class BatchRun:
         if error is not None:
             raise error
 
-    async def _execute_into(self, send: MemoryObjectSendStream[list[BatchResult]]) -> None:
+    async def _execute_into(
+        self, send: MemoryObjectSendStream[list[tuple[int, BatchResult]]]
+    ) -> None:
         with send:
             await self._execute(_StreamSink(send))
 
@@ -516,6 +531,10 @@ class _Pipeline:
         self._stats = run._stats
         self._transfers = anyio.CapacityLimiter(run._max_concurrency)
         self._readers = anyio.CapacityLimiter(run._max_concurrency)
+        # Reading results is pure-Python work in worker threads: several such threads at once
+        # are no faster (one GIL) and make the event loop wait in line for the GIL behind all
+        # of them (stalls of 10 ms per thread). One at a time keeps the loop responsive.
+        self._python_work = anyio.CapacityLimiter(1)
         self._watcher = BatchWatcher(
             self._client.batches,
             open_ended=True,
@@ -719,17 +738,20 @@ class _Pipeline:
                     job_status=shard.job_status,
                     job_error=shard.job_error,
                     retry_allowed=retry_allowed,
-                )
+                ),
+                limiter=self._python_work,
             )
             for name in (shard.output_name, shard.error_name):
                 if name is not None:
                     await self._deliver_file(accounting, workspace.results / name)
-            await self._deliver(await anyio.to_thread.run_sync(accounting.finish))
+            final = await anyio.to_thread.run_sync(accounting.finish, limiter=self._python_work)
+            await self._deliver(final)
             if not replay:
                 new_shard = await anyio.to_thread.run_sync(
                     lambda: accounting.write_follow_up(
                         workspace.inputs / f"retry-of-{shard.id:05d}.jsonl", attempt=next_attempt
-                    )
+                    ),
+                    limiter=self._python_work,
                 )
                 follow_up = await self._manifest.record_done(
                     shard.id, retry_allowed=retry_allowed, follow_up=new_shard
@@ -752,7 +774,9 @@ class _Pipeline:
         chunks = accounting.read(path)
         try:
             while True:
-                chunk = await anyio.to_thread.run_sync(next, chunks, None)
+                chunk = await anyio.to_thread.run_sync(
+                    next, chunks, None, limiter=self._python_work
+                )
                 if chunk is None:
                     return
                 await self._deliver(chunk)
