@@ -450,6 +450,26 @@ async def test_resume_after_a_crash_repeats_no_step(
     assert emulator.stats["GET", "/files/{id}/content"] - downloads_before == 3 - downloaded
 
 
+async def test_resume_does_not_mistake_the_parents_job_for_its_follow_ups(
+    make_emulator: MakeEmulator, tmp_path: Path
+) -> None:
+    """A follow-up with its parent's exact bytes shares its file id; a crash while creating its
+    job is reconciled to the follow-up's own job, not the parent's."""
+    emulator = await make_emulator(engine=FlakyEngine({"request-0": 1}))
+    state = tmp_path / "state.sqlite"
+    options: dict[str, Any] = {"requests": bodies(1), "model": "m", **FAST}
+    async with client_of(emulator) as client:
+        await run_until_call(client, "batches", "create_batch", 2, state_path=state, **options)
+        crashed = await recorded_shards(state)
+        results = await gather_batches(client, state_path=state, **options)
+    assert [shard.step for shard in crashed] == [ShardStep.DONE, ShardStep.CREATING]
+    assert results[0].ok
+    assert emulator.stats.jobs_created.total() == 2  # parent and follow-up, no third
+    shards = await recorded_shards(state)
+    assert len({shard.file_id for shard in shards}) == 1
+    assert len({shard.batch_id for shard in shards}) == 2
+
+
 async def test_a_finished_run_replays_from_its_state_without_calls(
     client: AsyncTogether, emulator: Emulator, tmp_path: Path
 ) -> None:
