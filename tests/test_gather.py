@@ -485,6 +485,23 @@ async def test_a_finished_run_replays_from_its_state_without_calls(
     assert run.summary.resumed and run.summary.jobs == 3
 
 
+async def test_results_deleted_from_the_state_directory_are_downloaded_again(
+    client: AsyncTogether, emulator: Emulator, tmp_path: Path
+) -> None:
+    """A rerun whose downloaded files were removed fetches them again and gives equal results."""
+    state = tmp_path / "state.sqlite"
+    options: dict[str, Any] = {"model": "m", "max_requests_per_batch": 40, **FAST}
+    first = await gather_batches(client, bodies(100), state_path=state, **options)
+    removed = await anyio.to_thread.run_sync(
+        lambda: [path.unlink() for path in Path(f"{state}.files", "results").glob("00001.*")]
+    )
+    emulator.stats.reset()
+    again = await gather_batches(client, bodies(100), state_path=state, **options)
+    assert again == first
+    assert emulator.stats["GET", "/files/{id}/content"] == len(removed) == 1
+    assert emulator.stats["POST", "/batches"] == 0
+
+
 async def test_resume_after_a_stream_consumer_stopped(
     client: AsyncTogether, emulator: Emulator, tmp_path: Path
 ) -> None:

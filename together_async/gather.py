@@ -470,6 +470,13 @@ class _Workspace:
     def _make_directories(self) -> None:
         for directory in (self.inputs, self.results, self.scratch):
             directory.mkdir(parents=True, exist_ok=True)
+        # Leftovers of a run that was killed: its input pass and its half-done downloads.
+        # Safe to remove, as the manifest's lock says no other run is using this directory.
+        for stale in self.manifest.directory.glob("incoming-*"):
+            if stale != self.scratch:
+                shutil.rmtree(stale, ignore_errors=True)
+        for partial in self.results.glob(".*.part"):
+            partial.unlink(missing_ok=True)
 
     async def adopt(
         self, fingerprint: str, rows: int, settings: dict[str, Any], written: list[WrittenShard]
@@ -601,6 +608,9 @@ class _Pipeline:
             shard = await self._await_job(shard)
         if shard.step is ShardStep.FINISHED:
             shard = await self._download(shard)
+        elif await anyio.to_thread.run_sync(self._results_missing, shard):
+            logger.warning("shard %d: its downloaded results are gone; downloading again", shard.id)
+            await self._fetch_results(shard)
         follow_up = await self._settle(shard, replay=replay)
         if follow_up is not None:
             self._outstanding += 1
@@ -698,6 +708,27 @@ class _Pipeline:
                     finished.set()
 
     async def _download(self, shard: ShardRecord) -> ShardRecord:
+        names = await self._fetch_results(shard)
+        return await self._manifest.record_downloaded(
+            shard.id,
+            output_name=names["output"][0],
+            output_bytes=names["output"][1],
+            error_name=names["error"][0],
+            error_bytes=names["error"][1],
+        )
+
+    def _results_missing(self, shard: ShardRecord) -> bool:
+        files = ((shard.output_name, shard.output_bytes), (shard.error_name, shard.error_bytes))
+        for name, size in files:
+            if name is None:
+                continue
+            path = self._workspace.results / name
+            if not path.is_file() or path.stat().st_size != size:
+                return True
+        return False
+
+    async def _fetch_results(self, shard: ShardRecord) -> dict[str, tuple[str | None, int | None]]:
+        """Download the job's output and error files (to names fixed by the shard id)."""
         names: dict[str, tuple[str | None, int | None]] = {}
         async with self._transfers:
             for kind, file_id in (("output", shard.output_file_id), ("error", shard.error_file_id)):
@@ -709,13 +740,7 @@ class _Pipeline:
                     file_id, output=self._workspace.results / name
                 )
                 names[kind] = (name, downloaded.bytes)
-        return await self._manifest.record_downloaded(
-            shard.id,
-            output_name=names["output"][0],
-            output_bytes=names["output"][1],
-            error_name=names["error"][0],
-            error_bytes=names["error"][1],
-        )
+        return names
 
     async def _settle(self, shard: ShardRecord, *, replay: bool) -> ShardRecord | None:
         """Deliver the shard's final rows; record it DONE with its follow-up (unless replaying)."""
