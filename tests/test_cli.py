@@ -26,7 +26,12 @@ from typing import Any
 import pytest
 
 from together_async import BatchResult
-from together_async._cli_results import errors_path_for, render_summary, result_row
+from together_async._cli_results import (
+    InputOrderWriter,
+    errors_path_for,
+    render_summary,
+    result_row,
+)
 from together_async._cli_run import RunDisplay, emulator_data_dir
 from together_async.cli import _Secrets, poll_intervals, run_cli
 from together_async.gather import BatchRunSummary
@@ -71,6 +76,10 @@ def write_requests(path: Path, count: int, *, bad_rows: tuple[int, ...] = ()) ->
                 body["messages"] = [{"role": "user", "content": f"Summarise document {index}."}]
             file.write(json.dumps({"custom_id": custom_id, "body": body}) + "\n")
     return ids
+
+
+def names_in(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir())
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -549,6 +558,44 @@ def test_result_row_shapes() -> None:
         "status_code": None,
         "error": {"message": "Invalid model", "code": "invalid_model"},
     }
+
+
+async def test_input_order_writer_restores_input_order(tmp_path: Path) -> None:
+    """Results added in any order come out in input order; failures also in the errors file."""
+    writer = InputOrderWriter(tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl")
+    await writer.open()
+    for position in (3, 0, 2, 1):
+        if position == 2:
+            result = BatchResult(custom_id="c2", status_code=500, error_message="boom")
+        else:
+            result = BatchResult(custom_id=f"c{position}", status_code=200, body={})
+        await writer.add(position, result)
+    counts = await writer.commit(4)
+    assert (counts.total, counts.ok, counts.failed) == (4, 3, 1)
+    assert [row["custom_id"] for row in read_jsonl(tmp_path / "out.jsonl")] == [
+        "c0", "c1", "c2", "c3",
+    ]  # fmt: skip
+    assert [row["custom_id"] for row in read_jsonl(tmp_path / "out.errors.jsonl")] == ["c2"]
+    assert names_in(tmp_path) == ["out.errors.jsonl", "out.jsonl"]
+
+
+async def test_input_order_writer_refuses_a_missing_row(tmp_path: Path) -> None:
+    """A row without a result is an error, and no results file is left behind."""
+    writer = InputOrderWriter(tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl")
+    await writer.open()
+    await writer.add(1, BatchResult(custom_id="b", status_code=200, body={}))
+    with pytest.raises(RuntimeError, match="no result for input row 1"):
+        await writer.commit(2)
+    assert names_in(tmp_path) == []
+
+
+async def test_input_order_writer_discard_leaves_nothing(tmp_path: Path) -> None:
+    """After discard() (Ctrl-C) neither the spool nor a results file remains."""
+    writer = InputOrderWriter(tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl")
+    await writer.open()
+    await writer.add(0, BatchResult(custom_id="a", status_code=200, body={}))
+    await writer.discard()
+    assert names_in(tmp_path) == []
 
 
 def test_errors_path_sits_beside_the_results() -> None:

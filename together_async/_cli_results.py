@@ -9,7 +9,8 @@ when complete, so an interrupted run never leaves a truncated results file behin
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterable, Iterable
+from array import array
+from collections.abc import AsyncIterable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,13 @@ import orjson
 from ._models import BatchResult
 
 __all__ = [
+    "InputOrderWriter",
     "RowCounts",
     "RunSummary",
     "errors_path_for",
     "render_summary",
     "result_row",
     "write_result_rows",
-    "write_results",
 ]
 
 _FLUSH_BYTES = 1024 * 1024
@@ -62,22 +63,23 @@ class RowCounts:
     failed: int
 
 
-class _StagedFile:
-    """A file written in large blocks from a worker thread and renamed into place on commit."""
+class _BlockWriter:
+    """An async file writer that gathers small writes into ~1 MiB blocks for a worker thread."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        self.size = 0
         self._file: Any = None
         self._pending: list[bytes] = []
         self._pending_bytes = 0
 
     async def open(self) -> None:
-        self._file = await anyio.open_file(self._staging, "wb")
+        self._file = await anyio.open_file(self.path, "wb")
 
     async def write(self, data: bytes) -> None:
         self._pending.append(data)
         self._pending_bytes += len(data)
+        self.size += len(data)
         if self._pending_bytes >= _FLUSH_BYTES:
             await self._flush()
 
@@ -87,52 +89,124 @@ class _StagedFile:
             self._pending, self._pending_bytes = [], 0
             await self._file.write(block)
 
-    async def commit(self) -> None:
+    async def close(self) -> None:
+        """Write what is pending and close the file."""
         await self._flush()
         await self._file.aclose()
-        await anyio.Path(self._staging).replace(self.path)
+        self._file = None
+
+    async def remove(self) -> None:
+        """Close without writing what is pending, and delete the file (safe when cancelled)."""
+        with anyio.CancelScope(shield=True):
+            if self._file is not None:
+                await self._file.aclose()
+                self._file = None
+            await anyio.Path(self.path).unlink(missing_ok=True)
+
+
+class _StagedFile(_BlockWriter):
+    """A file written beside its final path and renamed into place only on commit."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(_staging_path(path, "partial"))
+        self.final_path = path
+
+    async def commit(self) -> None:
+        await self.close()
+        await anyio.Path(self.path).replace(self.final_path)
 
     async def discard(self) -> None:
-        if self._file is not None:
-            with anyio.CancelScope(shield=True):
-                await self._file.aclose()
-                await anyio.Path(self._staging).unlink(missing_ok=True)
+        await self.remove()
 
 
-async def write_results(
-    results: Iterable[BatchResult] | AsyncIterable[BatchResult],
-    output: Path,
-    *,
-    errors_output: Path | None = None,
-) -> RowCounts:
-    """Write every result to `output` and the failed ones to `errors_output`, in the given order.
+def _staging_path(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{kind}")
 
-    Both files are replaced only once complete. The errors file is always written (empty when
-    nothing failed), so a stale one from an earlier run never lingers.
+
+class InputOrderWriter:
+    """Puts results that arrive in any order back in input order, holding 13 bytes per row.
+
+    Each result's row goes to a spool file beside the output as it arrives, and its offset and
+    length in arrays indexed by input position. `commit()` copies the rows in position order
+    into the results file (the failed ones into the errors file too), in a worker thread, and
+    renames both into place. So memory stays flat however many rows there are.
     """
-    targets = [_StagedFile(output)]
-    if errors_output is not None:
-        targets.append(_StagedFile(errors_output))
-    total = failed = 0
-    try:
-        for target in targets:
-            await target.open()
-        async for result in _aiterate(results):
-            row = result_row(result)
-            line = orjson.dumps(row) + b"\n"
-            total += 1
-            await targets[0].write(line)
-            if "error" in row:
-                failed += 1
-                if errors_output is not None:
-                    await targets[1].write(line)
-        for target in targets:
-            await target.commit()
-    except BaseException:
-        for target in targets:
-            await target.discard()
-        raise
-    return RowCounts(total=total, ok=total - failed, failed=failed)
+
+    def __init__(self, output: Path, errors_output: Path) -> None:
+        self._output = output
+        self._errors_output = errors_output
+        self._spool = _BlockWriter(_staging_path(output, "spool"))
+        self._offsets = array("q")
+        self._lengths = array("l")
+        self._failed = bytearray()
+        self._total = 0
+        self._failed_count = 0
+
+    async def open(self) -> None:
+        """Create the spool file."""
+        await self._spool.open()
+
+    async def add(self, position: int, result: BatchResult) -> None:
+        """Take the result of the input row at `position` (0-based)."""
+        if position >= len(self._offsets):
+            grow = max(position + 1, 2 * len(self._offsets), 1024) - len(self._offsets)
+            self._offsets.extend(array("q", [-1]) * grow)
+            self._lengths.extend(array("l", [0]) * grow)
+            self._failed.extend(bytes(grow))
+        if self._offsets[position] != -1:
+            raise RuntimeError(f"two results for input row {position + 1}")
+        row = result_row(result)
+        line = orjson.dumps(row) + b"\n"
+        self._offsets[position] = self._spool.size
+        self._lengths[position] = len(line)
+        self._total += 1
+        if "error" in row:
+            self._failed[position] = 1
+            self._failed_count += 1
+        await self._spool.write(line)
+
+    async def commit(self, rows: int) -> RowCounts:
+        """Write the results and errors files for input rows 0..rows-1, then drop the spool."""
+        try:
+            await self._spool.close()
+            await anyio.to_thread.run_sync(self._copy_in_order, rows)
+        finally:
+            await self._spool.remove()
+        return RowCounts(
+            total=self._total, ok=self._total - self._failed_count, failed=self._failed_count
+        )
+
+    async def discard(self) -> None:
+        """Drop the spool (after a failure or Ctrl-C): no results file is written."""
+        await self._spool.remove()
+
+    def _copy_in_order(self, rows: int) -> None:
+        offsets = self._offsets
+        missing = next((p for p in range(rows) if p >= len(offsets) or offsets[p] < 0), None)
+        if missing is not None:
+            raise RuntimeError(f"no result for input row {missing + 1}")
+        if self._total != rows:
+            raise RuntimeError(f"{self._total} results for {rows} input rows")
+        output = _staging_path(self._output, "partial")
+        errors = _staging_path(self._errors_output, "partial")
+        try:
+            with (
+                self._spool.path.open("rb") as spool,
+                output.open("wb", buffering=_FLUSH_BYTES) as out,
+                errors.open("wb", buffering=_FLUSH_BYTES) as err,
+            ):
+                spool_fd = spool.fileno()
+                lengths, failed = self._lengths, self._failed
+                for position in range(rows):
+                    line = os.pread(spool_fd, lengths[position], offsets[position])
+                    out.write(line)
+                    if failed[position]:
+                        err.write(line)
+            output.replace(self._output)
+            errors.replace(self._errors_output)
+        finally:
+            output.unlink(missing_ok=True)
+            errors.unlink(missing_ok=True)
 
 
 async def write_result_rows(rows: AsyncIterable[dict[str, Any]], output: Path | None) -> RowCounts:
@@ -177,17 +251,6 @@ async def write_result_rows(rows: AsyncIterable[dict[str, Any]], output: Path | 
             with anyio.CancelScope(shield=True):
                 await stdout.aclose()
     return RowCounts(total=total, ok=total - failed, failed=failed)
-
-
-async def _aiterate(
-    items: Iterable[BatchResult] | AsyncIterable[BatchResult],
-) -> Any:
-    if isinstance(items, AsyncIterable):
-        async for item in items:
-            yield item
-    else:
-        for item in items:
-            yield item
 
 
 @attrs.frozen(kw_only=True)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import IO, Any
 
@@ -19,7 +20,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from ._cli_results import RunSummary, errors_path_for, write_results
+from ._cli_results import InputOrderWriter, RunSummary, errors_path_for
 from ._client import AsyncTogether
 from ._models import BatchJob
 from .gather import BatchRun, BatchRunSummary
@@ -112,20 +113,31 @@ async def run_batch_file(
     }
     if args.max_attempts is not None:
         options["max_attempts"] = args.max_attempts
+    if not await anyio.Path(args.input).is_file():
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(args.input))
+    if not await anyio.Path(args.output).parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such directory", str(args.output.parent))
+    errors_output = errors_path_for(args.output)
+    writer = InputOrderWriter(args.output, errors_output)
     run: BatchRun | None = None
     try:
+        await writer.open()
         async with _open_target(args) as client:
             display = None if display_stream is None else RunDisplay(display_stream)
             run = BatchRun(client, args.input, progress=display or False, **options)
+            collecting = _collect(run, writer)
             if display is None:
-                results = await run.gather()
+                await collecting
             else:
-                results = await display.follow(run)
-        errors_output = errors_path_for(args.output)
-        counts = await write_results(results, args.output, errors_output=errors_output)
+                await display.follow(run, collecting)
+        counts = await writer.commit(run.summary.rows)
     except asyncio.CancelledError:
+        await writer.discard()
         jobs = 0 if run is None else run.summary.jobs
         raise RunInterrupted(interrupted_message(args, jobs)) from None
+    except BaseException:
+        await writer.discard()
+        raise
     final = run.summary
     return RunSummary(
         input=args.input,
@@ -146,6 +158,13 @@ async def run_batch_file(
         emulator=args.emulator,
         state=args.state,
     )
+
+
+async def _collect(run: BatchRun, writer: InputOrderWriter) -> None:
+    """Stream the run's results into the writer, which puts them back in input order."""
+    async with contextlib.aclosing(run.stream_with_positions()) as results:
+        async for position, result in results:
+            await writer.add(position, result)
 
 
 def interrupted_message(args: argparse.Namespace, jobs: int) -> str:
@@ -197,20 +216,19 @@ class RunDisplay:
     def close(self) -> None:
         """The watcher ended; the display itself ends with the run."""
 
-    async def follow(self, run: BatchRun) -> list[Any]:
-        """Run `run.gather()` while redrawing the status line; its results."""
+    async def follow(self, run: BatchRun, work: Awaitable[None]) -> None:
+        """Await `work` (which drives `run`) while redrawing the status line."""
         self._started = time.monotonic()
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._redraw_forever, run)
-                results = await run.gather()
+                await work
                 group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 summary = run.summary
                 done, text = self.status(summary)
                 await anyio.to_thread.run_sync(self.finish, summary.rows, done, text)
-        return results
 
     async def _redraw_forever(self, run: BatchRun) -> None:
         while True:

@@ -108,7 +108,7 @@ def _add_common_options(parser: argparse.ArgumentParser, *, in_subcommand: bool)
         metavar="URL",
         default=default(None),
         help="API base URL, with or without /v1 (default: $TOGETHER_BASE_URL or "
-        "https://api.together.xyz/v1)",
+        "https://api.together.ai/v1)",
     )
     group.add_argument(
         "--json",
@@ -157,10 +157,17 @@ def _add_run_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="validate, shard, upload, run and collect a whole batch file",
         description=(
-            "Validate INPUT, split it into batch jobs, upload and start them, watch them, and "
-            "write one result per input line, in input order, to RESULTS. Failed rows also go "
-            "to RESULTS with .errors.jsonl in place of .jsonl."
+            "Validate INPUT, split it into batch jobs, upload and start them, watch them, and\n"
+            "write one result per input line, in input order, to RESULTS. Failed rows also go\n"
+            "to RESULTS with .errors.jsonl in place of .jsonl. Ctrl-C cancels the jobs, unless\n"
+            "--state is given: then they keep running and the same command resumes the run."
         ),
+        epilog=(
+            "examples:\n"
+            "  together-async run examples/summarise-1000.jsonl --emulator -o results.jsonl\n"
+            "  together-async run big.jsonl -o results.jsonl --state big.state"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("input", type=Path, metavar="INPUT.jsonl", help="batch input file")
     run.add_argument(
@@ -195,7 +202,7 @@ def _add_run_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         "--max-attempts",
         type=_positive_int,
         metavar="N",
-        help="submissions per row for rows that fail retryably (429, 5xx, expiry)",
+        help="most submissions of a row that fails retryably (429, 5xx, expiry); default 3",
     )
     run.add_argument(
         "--poll-interval",
@@ -751,12 +758,6 @@ def _hint(exc: BaseException) -> str:
         )
     if isinstance(exc, AuthenticationError):
         return f"{exc} (check --api-key / TOGETHER_API_KEY)"
-    if isinstance(exc, FileNotFoundError):
-        return f"no such file: {exc.filename}"
-    if isinstance(exc, IsADirectoryError):
-        return f"is a directory: {exc.filename}"
-    if isinstance(exc, PermissionError):
-        return f"permission denied: {exc.filename}"
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or exc}"
     return str(exc) or type(exc).__name__
