@@ -61,7 +61,7 @@ def test_api_url_joins_without_double_slash() -> None:
     assert api_url("https://h/v1/", "batches") == "https://h/v1/batches"
 
 
-@pytest.mark.parametrize("bad", ["", "   ", None, 5, b"id"])
+@pytest.mark.parametrize("bad", ["", "   ", None, 5, b"id", ".", ".."])
 def test_require_id_rejects_empty_and_non_strings(bad: object) -> None:
     """Empty or non-string ids raise InvalidArgumentError naming what they are."""
     with pytest.raises(InvalidArgumentError, match="batch id"):

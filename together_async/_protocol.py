@@ -75,6 +75,10 @@ def require_id(value: object, what: str) -> str:
         raise InvalidArgumentError(f"{what} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise InvalidArgumentError(f"{what} must not be empty")
+    if value in (".", ".."):
+        # Percent-quoting leaves dots alone, and URL normalisation would turn the segment
+        # into a step up the path: another route, e.g. cancel_batch("..") -> POST /v1/cancel.
+        raise InvalidArgumentError(f"{what} must not be {value!r}")
     return value
 
 
