@@ -280,14 +280,14 @@ async def test_deadline_expires_the_job_with_partial_output(
     make_emulator: MakeEmulator, session: aiohttp.ClientSession
 ) -> None:
     """A job still running at its (time-factored) deadline ends EXPIRED, keeping finished rows."""
-    # 24h * 1e-5 = 0.864 s, while 400 rows at 4 x 10 ms take about a second.
-    emulator = await make_emulator(latency=0.01, concurrency=4, time_factor=1e-5)
+    # 24h * 2e-5 = 1.73 s, while 800 rows at 4 x 10 ms take at least 2 s.
+    emulator = await make_emulator(latency=0.01, concurrency=4, time_factor=2e-5)
     api = _api_for(emulator, session)
-    job = await api.submit(chat_file(400))
+    job = await api.submit(chat_file(800))
     done = await api.wait_for(job["id"])
     assert done["status"] == "EXPIRED"
     rows = await api.rows(done.get("output_file_id"))
-    assert 0 < len(rows) < 400
+    assert 0 < len(rows) < 800
 
 
 async def test_jobs_created_are_counted_per_input_file(emulator: Emulator, api: RawAPI) -> None:
