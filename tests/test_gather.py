@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -442,6 +443,79 @@ async def test_resume_after_a_crash_repeats_no_step(
         results = await gather_batches(client, state_path=state, **options)
 
     assert outcome(results) == outcome(expected)
+    assert all(count == 1 for count in emulator.stats.jobs_created.values())
+    assert len(emulator.stats.jobs_created) == 3
+    recorded_uploads = sum(1 for shard in before if shard.file_id is not None)
+    assert emulator.stats["POST", "/files"] - uploads_before == 3 - recorded_uploads
+    downloaded = sum(1 for s in before if s.step.rank >= ShardStep.DOWNLOADED.rank)
+    assert emulator.stats["GET", "/files/{id}/content"] - downloads_before == 3 - downloaded
+
+
+KILLED_RUN = """
+import os, signal, sys, anyio
+from together_async import AsyncTogether, gather_batches
+from together_async.manifest import Manifest
+
+base_url, key, state, where, calls = sys.argv[1:]
+owner, method = where.split(".")
+count = 0
+
+def killing(original):
+    async def wrapped(*args, **kwargs):
+        global count
+        result = await original(*args, **kwargs)
+        count += 1
+        if count == int(calls):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    return wrapped
+
+async def main():
+    async with AsyncTogether(key, base_url=base_url) as client:
+        if owner == "Manifest":
+            setattr(Manifest, method, killing(getattr(Manifest, method)))
+        else:
+            target = getattr(client, owner)
+            setattr(target, method, killing(getattr(target, method)))
+        requests = [{"messages": [{"role": "user", "content": f"question {i}"}]}
+                    for i in range(300)]
+        await gather_batches(client, requests, model="m", max_requests_per_batch=100,
+                             max_concurrency=1, state_path=state, poll_interval=0.02,
+                             max_interval=0.1)
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize(
+    ("where", "calls"),
+    [
+        ("files.upload", 2),
+        ("Manifest.record_create_intent", 2),
+        ("batches.create_batch", 2),
+        ("files.retrieve_content", 1),
+        ("Manifest.record_done", 1),
+    ],
+)
+async def test_resume_after_sigkill_repeats_no_step(
+    client: AsyncTogether, emulator: Emulator, tmp_path: Path, where: str, calls: int
+) -> None:
+    """A run killed with SIGKILL at a step resumes without a second job for any shard and
+    with the results of an uninterrupted run."""
+    state = tmp_path / "state.sqlite"
+    killed = await anyio.run_process(
+        [sys.executable, "-c", KILLED_RUN, emulator.base_url, emulator.api_key, str(state),
+         where, str(calls)],
+        check=False,
+    )
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    before = await recorded_shards(state)
+    uploads_before = emulator.stats["POST", "/files"]
+    downloads_before = emulator.stats["GET", "/files/{id}/content"]
+    results = await gather_batches(
+        client, bodies(300), model="m", max_requests_per_batch=100, state_path=state, **FAST
+    )
+    assert [r.text for r in results] == [f"question {i}" for i in range(300)]
     assert all(count == 1 for count in emulator.stats.jobs_created.values())
     assert len(emulator.stats.jobs_created) == 3
     recorded_uploads = sum(1 for shard in before if shard.file_id is not None)
