@@ -23,6 +23,12 @@ How a run goes, and why:
    crash), no finished shard downloaded twice, and results equal to an uninterrupted run's
    (finished shards are replayed from their downloaded files). Without `state_path` the same
    machinery runs in a temporary directory that is removed at the end.
+4. Results files are downloaded to disk (atomic rename, Range resume) and then read a chunk at a
+   time, rather than decoded straight off the socket: a crash never costs a second download,
+   and replaying a finished shard on resume is the same code as reading it the first time.
+   stream_batches runs the pipeline in a background task feeding a bounded memory stream, so its
+   async generator never yields inside a task group or cancel scope; closing the generator
+   cancels that task (and, with cancel_on_exit, the remote jobs).
 
 Every input row ends with exactly one BatchResult; a bitmap of positions checks it as results
 are delivered and before the run returns (a break of that promise raises, never passes quietly).
