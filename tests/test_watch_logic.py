@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import anyio
@@ -492,3 +493,22 @@ async def test_observer_is_closed_when_the_stream_fails() -> None:
     with pytest.raises(NotFoundError):
         await collect(stream_status(ScriptedBatches({}), "x", progress=observer, **FAST))
     assert observer.closed == 1
+
+
+# --- logging ----------------------------------------------------------------------------------
+
+
+async def test_failed_polls_are_logged_at_info_only(
+    clock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed poll is logged at INFO on together_async.watch with its error and next wait."""
+    batches = ScriptedBatches(
+        {"b1": [job("b1", "IN_PROGRESS"), server_error(503, retry_after=7), job("b1", "COMPLETED")]}
+    )
+    with caplog.at_level(logging.DEBUG, logger="together_async.watch"):
+        await collect(stream_status(batches, "b1", **FAST))
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert [(r.name, r.levelno) for r in failures] == [("together_async.watch", logging.INFO)]
+    assert "InternalServerError" in failures[0].getMessage()
+    assert "retrying in 7.0 s" in failures[0].getMessage()
+    assert all(r.levelno < logging.WARNING for r in caplog.records)

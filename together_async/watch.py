@@ -23,6 +23,7 @@ from ._errors import (
     WaitTimeoutError,
 )
 from ._models import BatchJob
+from ._protocol import is_retryable_status
 
 __all__ = [
     "BatchPoller",
@@ -39,7 +40,6 @@ logger = logging.getLogger("together_async.watch")
 
 # Retry-After is honoured, but never past this: a confused proxy must not park a watch for a day.
 _RETRY_AFTER_CAP = 600.0
-_TRANSIENT_STATUSES = frozenset({408, 409, 429})
 
 
 class BatchPoller(Protocol):
@@ -74,7 +74,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (APIConnectionError, APIResponseValidationError)):
         return True
     if isinstance(exc, APIStatusError):
-        return exc.status_code in _TRANSIENT_STATUSES or exc.status_code >= 500
+        # The client's own retry rule, so a poll is retried exactly when a call would be.
+        return is_retryable_status(exc.status_code)
     return False
 
 
