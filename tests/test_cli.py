@@ -372,6 +372,38 @@ def test_sigint_without_state_cancels_the_jobs(tmp_path: Path, slow_served: Serv
     assert {job["status"] for job in slow_served.jobs()} <= {"CANCELLED", "CANCELING"}
 
 
+def test_second_sigint_exits_without_waiting_for_the_clean_up(tmp_path: Path) -> None:
+    """A second Ctrl-C quits at once even while cancelling the jobs hangs on the server."""
+    server = ServedEmulator(
+        tmp_path, "--latency", "0.02", "--concurrency", "1", "--fault-slow-rate", "1",
+        "--fault-slow-seconds", "60", "--fault-route", "POST /batches/{id}/cancel",
+    )  # fmt: skip
+    try:
+        write_requests(tmp_path / "in.jsonl", 80)
+        with subprocess.Popen(
+            [
+                sys.executable, "-m", "together_async", "--debug", "run", "in.jsonl", "-o",
+                "out.jsonl", "--poll-interval", "0.05", *connection(server),
+            ],
+            cwd=tmp_path, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+        ) as run:  # fmt: skip
+            assert run.stderr is not None
+            server.wait_for_jobs(1)
+            run.send_signal(signal.SIGINT)
+            # Signals sent back to back merge into one: wait until the first was taken.
+            for line in run.stderr:  # ends with the process, so the wait is bounded
+                if "cancelling the command" in line:
+                    break
+            run.send_signal(signal.SIGINT)
+            # The cancel call takes 60 s on this server: only the forced exit is this quick.
+            _, stderr = run.communicate(timeout=20)
+    finally:
+        server.stop()
+    assert run.returncode == 130
+    assert "interrupted again" in stderr
+
+
 # --- validate --------------------------------------------------------------------------------
 
 

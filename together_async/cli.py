@@ -656,7 +656,7 @@ async def _cmd_batches_watch(args: argparse.Namespace) -> int:
                 else:
                     progress = "" if job.progress is None else f"  {job.progress:5.1f}%"
                     now = datetime.now().strftime("%H:%M:%S")
-                    line = f"{now}  {job.id}  {job.status}{progress}"
+                    line = f"{now}  {job.id}  {job.status!s:<11}{progress}"
                 await _write_stdout(line + "\n")
         finally:
             await stream.aclose()
@@ -773,11 +773,16 @@ async def _run_command(
 
     def on_signal(signum: int) -> None:
         nonlocal interrupted
+        if interrupted:
+            # A second Ctrl-C while cleaning up (cancelling jobs can take seconds): quit now.
+            # The state file is SQLite, committed step by step, so a hard exit is safe for it.
+            sys.stderr.write(
+                f"\n{PROG}: interrupted again: exiting without waiting for the clean-up "
+                "(jobs may be left running)\n"
+            )
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
         interrupted = True
-        # A second Ctrl-C while cleaning up gets Python's default: KeyboardInterrupt, at once.
-        with contextlib.suppress(Exception):
-            loop.remove_signal_handler(signal.SIGINT)
-            loop.remove_signal_handler(signal.SIGTERM)
         _logger.debug("signal %s: cancelling the command", signum)
         work.cancel()
 
