@@ -577,6 +577,22 @@ def test_batches_cancel_and_watch_of_a_cancelled_job(
     assert last["status"] == "CANCELLED"
 
 
+def test_batches_results_of_a_running_job_says_to_wait(
+    tmp_path: Path, slow_served: ServedEmulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`batches results` on a job still running exits 1 pointing at `batches watch`."""
+    write_requests(tmp_path / "in.jsonl", 200)
+    conn = connection(slow_served)
+    assert run_cli(["files", "upload", str(tmp_path / "in.jsonl"), "--json", *conn]) == 0
+    file_id = json.loads(capsys.readouterr().out)["id"]
+    assert run_cli(["batches", "create", file_id, "--json", *conn]) == 0
+    batch_id = json.loads(capsys.readouterr().out)["id"]
+    assert run_cli(["batches", "results", batch_id, *conn]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"batches watch {batch_id}" in captured.err
+
+
 # --- output helpers --------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ when complete, so an interrupted run never leaves a truncated results file behin
 from __future__ import annotations
 
 import os
+import sys
 from array import array
 from collections.abc import AsyncIterable
 from pathlib import Path
@@ -209,11 +210,14 @@ class InputOrderWriter:
             errors.unlink(missing_ok=True)
 
 
-async def write_result_rows(rows: AsyncIterable[dict[str, Any]], output: Path | None) -> RowCounts:
-    """Write result rows (see result_row) to a file, or to stdout when `output` is None."""
+async def write_result_rows(results: AsyncIterable[BatchResult], output: Path | None) -> RowCounts:
+    """Write the results as result rows, in the order given, to a file or (None) to stdout.
+
+    A file is renamed into place only once complete; stdout gets blocks of about 64 KiB.
+    """
     total = failed = 0
     staged = None if output is None else _StagedFile(output)
-    stdout = anyio.wrap_file(os.fdopen(os.dup(1), "wb")) if staged is None else None
+    stdout = anyio.wrap_file(sys.stdout.buffer) if staged is None else None
     pending: list[bytes] = []
     pending_bytes = 0
 
@@ -227,7 +231,8 @@ async def write_result_rows(rows: AsyncIterable[dict[str, Any]], output: Path | 
     try:
         if staged is not None:
             await staged.open()
-        async for row in rows:
+        async for result in results:
+            row = result_row(result)
             total += 1
             failed += "error" in row
             line = orjson.dumps(row) + b"\n"
@@ -246,10 +251,6 @@ async def write_result_rows(rows: AsyncIterable[dict[str, Any]], output: Path | 
         if staged is not None:
             await staged.discard()
         raise
-    finally:
-        if stdout is not None:
-            with anyio.CancelScope(shield=True):
-                await stdout.aclose()
     return RowCounts(total=total, ok=total - failed, failed=failed)
 
 

@@ -27,7 +27,7 @@ import anyio.to_thread
 import orjson
 
 from . import __version__
-from ._cli_results import render_summary, result_row, write_result_rows
+from ._cli_results import render_summary, write_result_rows
 from ._convert import unstructure
 from ._errors import (
     AuthenticationError,
@@ -679,12 +679,19 @@ async def _cmd_batches_watch(args: argparse.Namespace) -> int:
 
 async def _cmd_batches_results(args: argparse.Namespace) -> int:
     async with _open_client(args) as client:
-        rows = (result_row(result) async for result in client.batches.results(args.batch_id))
-        if args.output is not None:
-            counts = await write_result_rows(rows, args.output)
-        else:
-            counts = await write_result_rows(rows, None)
+        job = await client.batches.get_batch(args.batch_id)
+        if not job.is_terminal:
+            raise TogetherError(
+                f"batch {job.id} is {job.status}: its results come once it ends "
+                f"(wait with: {PROG} batches watch {job.id})"
+            )
+        async with contextlib.aclosing(client.batches.results(job)) as results:
+            counts = await write_result_rows(results, args.output)
     await _write_stderr(f"{counts.total:,} rows: {counts.ok:,} ok, {counts.failed:,} failed\n")
+    if job.status != BatchJobStatus.COMPLETED:
+        reason = f": {job.error}" if job.error else ""
+        await _write_stderr(f"{PROG}: batch {job.id} ended {job.status}{reason}\n")
+        return EXIT_FAILED
     return EXIT_OK if counts.failed == 0 else EXIT_FAILED
 
 
