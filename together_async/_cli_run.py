@@ -22,7 +22,7 @@ import orjson
 
 from ._cli_results import InputOrderWriter, RunSummary, errors_path_for
 from ._client import AsyncTogether
-from ._models import BatchJob
+from ._models import BatchEndpoint, BatchJob
 from .gather import BatchRun, BatchRunSummary
 from .progress import job_percent
 
@@ -35,7 +35,7 @@ __all__ = [
     "run_batch_file",
 ]
 
-DEFAULT_ENDPOINT = "/v1/chat/completions"
+DEFAULT_ENDPOINT = BatchEndpoint.CHAT_COMPLETIONS.value
 EMULATOR_LATENCY = 0.02
 """Simulated seconds per request on `--emulator`: 1,000 rows take about a second, so the
 progress display is visible without making anyone wait."""

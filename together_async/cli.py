@@ -1,6 +1,6 @@
 """The `together-async` command: run a batch file end to end, validate input, serve the emulator,
-and manage files and batch jobs. Parsing, dispatch, exit codes and error reporting live here; the
-`run` pipeline's output files and summary live in `_cli_results.py`.
+and manage files and batch jobs. Parsing, dispatch, exit codes and error reporting live here;
+`run` itself in `_cli_run.py`, the result files and the summary in `_cli_results.py`.
 
 Built on argparse from the standard library, so the command adds no dependency to install, and
 sub-commands, `--help` and exit code 2 on usage errors come built in. Exit codes: 0 ok; 1 a failed
@@ -28,6 +28,7 @@ import orjson
 
 from . import __version__
 from ._cli_results import render_summary, write_result_rows
+from ._client import AsyncTogether
 from ._convert import unstructure
 from ._errors import (
     AuthenticationError,
@@ -36,13 +37,14 @@ from ._errors import (
     TogetherError,
 )
 from ._jsonl import BatchFileReport, check_batch_file
-from ._models import BatchJob, BatchJobStatus, FileObject
+from ._models import BatchEndpoint, BatchJob, BatchJobStatus, FileObject
+from .progress import job_percent
 from .watch import stream_status
 
 __all__ = ["build_parser", "main"]
 
 PROG = "together-async"
-DEFAULT_ENDPOINT = "/v1/chat/completions"
+DEFAULT_ENDPOINT = BatchEndpoint.CHAT_COMPLETIONS.value
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -419,11 +421,17 @@ def _describe_file(file: FileObject) -> str:
     return "\n".join(f"{name + ':':<12}{value}" for name, value in fields)
 
 
+def _percent(job: BatchJob, form: str) -> str:
+    # `progress`, or for OpenAI-style servers `request_counts`; "-" when neither is known.
+    percent = job_percent(job)
+    return "-" if percent is None else form.format(percent)
+
+
 def _describe_job(job: BatchJob) -> str:
     fields = [
         ("id", job.id),
         ("status", str(job.status or "-")),
-        ("progress", "-" if job.progress is None else f"{job.progress:.1f}%"),
+        ("progress", _percent(job, "{:.1f}%")),
         ("endpoint", job.endpoint or "-"),
         ("input file", job.input_file_id or "-"),
         ("output file", job.output_file_id or "-"),
@@ -444,9 +452,7 @@ def _describe_job(job: BatchJob) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _open_client(args: argparse.Namespace) -> AsyncIterator[Any]:
-    from ._client import AsyncTogether
-
+async def _open_client(args: argparse.Namespace) -> AsyncIterator[AsyncTogether]:
     client = AsyncTogether(api_key=args.api_key, base_url=args.base_url)
     async with client:
         yield client
@@ -601,7 +607,7 @@ async def _cmd_batches_list(args: argparse.Namespace) -> int:
         [
             job.id,
             str(job.status or "-"),
-            "-" if job.progress is None else f"{job.progress:.0f}%",
+            _percent(job, "{:.0f}%"),
             job.endpoint or "-",
             _when(job.created_at),
         ]
@@ -654,7 +660,7 @@ async def _cmd_batches_watch(args: argparse.Namespace) -> int:
                 if args.json:
                     line = orjson.dumps(unstructure(job)).decode()
                 else:
-                    progress = "" if job.progress is None else f"  {job.progress:5.1f}%"
+                    progress = "" if job_percent(job) is None else _percent(job, "  {:5.1f}%")
                     now = datetime.now().strftime("%H:%M:%S")
                     line = f"{now}  {job.id}  {job.status!s:<11}{progress}"
                 await _write_stdout(line + "\n")
@@ -685,8 +691,14 @@ async def _cmd_batches_results(args: argparse.Namespace) -> int:
                 f"batch {job.id} is {job.status}: its results come once it ends "
                 f"(wait with: {PROG} batches watch {job.id})"
             )
-        async with contextlib.aclosing(client.batches.results(job)) as results:
+        results = client.batches.results(job)
+        try:
             counts = await write_result_rows(results, args.output)
+        finally:
+            # Stopping early (an error writing) must release the download connection now.
+            aclose = getattr(results, "aclose", None)
+            if aclose is not None:
+                await aclose()
     await _write_stderr(f"{counts.total:,} rows: {counts.ok:,} ok, {counts.failed:,} failed\n")
     if job.status != BatchJobStatus.COMPLETED:
         reason = f": {job.error}" if job.error else ""
