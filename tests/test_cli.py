@@ -372,6 +372,28 @@ def test_sigint_without_state_cancels_the_jobs(tmp_path: Path, slow_served: Serv
     assert {job["status"] for job in slow_served.jobs()} <= {"CANCELLED", "CANCELING"}
 
 
+def test_sigterm_stops_a_run_like_ctrl_c_with_exit_code_143(tmp_path: Path) -> None:
+    """SIGTERM (a service manager stopping the run) is handled as Ctrl-C, with exit code 143."""
+    write_requests(tmp_path / "in.jsonl", 400)
+    with subprocess.Popen(
+        [
+            sys.executable, "-m", "together_async", "--debug", "run", "in.jsonl", "-o",
+            "out.jsonl", "--emulator", "--emulator-latency", "0.05",
+        ],
+        cwd=tmp_path, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    ) as run:  # fmt: skip
+        assert run.stderr is not None
+        for line in run.stderr:  # ends with the process, so the wait is bounded
+            if "created batch" in line:
+                run.send_signal(signal.SIGTERM)
+                break
+        rest = run.stderr.read()
+        run.wait(timeout=RUN_TIMEOUT)
+    assert run.returncode == 143
+    assert "were cancelled" in rest
+
+
 def test_second_sigint_exits_without_waiting_for_the_clean_up(tmp_path: Path) -> None:
     """A second Ctrl-C quits at once even while cancelling the jobs hangs on the server."""
     server = ServedEmulator(

@@ -56,6 +56,8 @@ _logger = logging.getLogger("together_async.cli")
 class _Interrupted(Exception):
     """Ctrl-C (or SIGTERM) arrived while a command was running; the message says what now."""
 
+    exit_code = EXIT_INTERRUPTED
+
 
 # ---------------------------------------------------------------------------------------------
 # The parser
@@ -788,11 +790,11 @@ async def _run_command(
     """Run the handler as a task that Ctrl-C cancels cleanly (its cleanup runs; exit 130)."""
     loop = asyncio.get_running_loop()
     work = asyncio.ensure_future(handler(args))
-    interrupted = False
+    interrupted_by: int | None = None
 
     def on_signal(signum: int) -> None:
-        nonlocal interrupted
-        if interrupted:
+        nonlocal interrupted_by
+        if interrupted_by is not None:
             # A second Ctrl-C while cleaning up (cancelling jobs can take seconds): quit now.
             # The state file is SQLite, committed step by step, so a hard exit is safe for it.
             sys.stderr.write(
@@ -800,8 +802,8 @@ async def _run_command(
                 "(jobs may be left running)\n"
             )
             sys.stderr.flush()
-            os._exit(EXIT_INTERRUPTED)
-        interrupted = True
+            os._exit(128 + interrupted_by)
+        interrupted_by = signum
         _logger.debug("signal %s: cancelling the command", signum)
         work.cancel()
 
@@ -814,9 +816,15 @@ async def _run_command(
             pass  # Windows or not the main thread: KeyboardInterrupt handling still applies
     try:
         return await work
+    except _Interrupted as exc:
+        if interrupted_by is not None:
+            exc.exit_code = 128 + interrupted_by  # the shell's convention: 130 Ctrl-C, 143 TERM
+        raise
     except asyncio.CancelledError:
-        if interrupted:
-            raise _Interrupted("interrupted") from None
+        if interrupted_by is not None:
+            interrupted = _Interrupted("interrupted")
+            interrupted.exit_code = 128 + interrupted_by
+            raise interrupted from None
         raise
     finally:
         for signum in installed:
@@ -870,7 +878,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_run_command(args.handler, args))
     except _Interrupted as exc:
         sys.stderr.write(f"{PROG}: {exc}\n")
-        return EXIT_INTERRUPTED
+        return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return EXIT_INTERRUPTED
