@@ -2,12 +2,14 @@
 
 The script a user of `together` 3.x would write, since the SDK has no sharding or wait helper:
 split the input file into shards of 50,000 lines, then for every shard at once (asyncio.gather)
-upload, create the job, poll it until it ends, and download its output and error files.
+upload, create the job, poll it until it ends, download its output and error files and read
+every result line with json.loads (ours hands every result to the caller too).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -41,9 +43,15 @@ def write_shards(input_path: Path, directory: Path, shard_lines: int) -> list[Pa
     return shards
 
 
-def _count_lines(path: Path) -> int:
+def read_results(path: Path) -> int:
+    """Read every result line of a downloaded file, as a plain script does; return the count."""
+    rows = 0
     with path.open("rb") as file:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
+        for line in file:
+            if line.strip():
+                json.loads(line)
+                rows += 1
+    return rows
 
 
 async def run_official(
@@ -68,7 +76,7 @@ async def run_official(
                 target = shard.with_suffix(f".{file_id}.out")
                 async with client.files.with_streaming_response.content(file_id) as response:
                     await response.stream_to_file(target)
-                rows += _count_lines(target)
+                rows += read_results(target)
             return rows, str(job.status)
 
         outcomes = await asyncio.gather(*(one_shard(shard) for shard in shards))

@@ -705,7 +705,9 @@ def workload_gather(ctx: Context) -> Section:
             "no latency), so the wall time includes the emulator running the jobs, the same work "
             f"for all; both poll every {E2E_POLL_INTERVAL} s. Ours comes from "
             "benchmarks/bench_gather.py; the official script (benchmarks/bench_e2e_official.py) "
-            "runs every shard at once with asyncio.gather and streams each output file to disk.",
+            "runs every shard at once with asyncio.gather, streams each output and error file to "
+            "disk and reads every line back with json.loads, synchronously, as a plain script "
+            "does: both end with every result in Python.",
         ),
     )
 
