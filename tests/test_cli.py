@@ -285,10 +285,10 @@ def test_sigint_then_rerun_with_state_creates_no_duplicate_job(
     tmp_path: Path, slow_served: ServedEmulator
 ) -> None:
     """Ctrl-C leaves the jobs running (--state); the rerun finishes them, creating none twice."""
-    ids = write_requests(tmp_path / "in.jsonl", 120)
+    ids = write_requests(tmp_path / "in.jsonl", 240)
     command = [
         sys.executable, "-m", "together_async", "run", "in.jsonl", "-o", "out.jsonl",
-        "--state", "run.state", "--max-requests-per-batch", "40", "--poll-interval", "0.05",
+        "--state", "run.state", "--max-requests-per-batch", "80", "--poll-interval", "0.05",
         *connection(slow_served),
     ]  # fmt: skip
     first = subprocess.Popen(
@@ -322,7 +322,7 @@ def test_emulator_run_interrupted_with_state_resumes_on_the_same_emulator_data(
     ids = write_requests(tmp_path / "in.jsonl", 600)
     command = [
         sys.executable, "-m", "together_async", "run", "in.jsonl", "-o", "out.jsonl",
-        "--emulator", "--emulator-latency", "0.05", "--state", "run.state",
+        "--emulator", "--emulator-latency", "0.2", "--state", "run.state",
         "--max-requests-per-batch", "200",
     ]  # fmt: skip
     log: list[str] = []
@@ -378,7 +378,7 @@ def test_sigterm_stops_a_run_like_ctrl_c_with_exit_code_143(tmp_path: Path) -> N
     with subprocess.Popen(
         [
             sys.executable, "-m", "together_async", "--debug", "run", "in.jsonl", "-o",
-            "out.jsonl", "--emulator", "--emulator-latency", "0.05",
+            "out.jsonl", "--emulator", "--emulator-latency", "0.2",
         ],
         cwd=tmp_path, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True,
