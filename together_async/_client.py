@@ -246,7 +246,12 @@ class AsyncTogether:
         if 200 <= response.status < 300 or response.status in accept:
             return response
         raise error_from_response(
-            response.status, response.headers, response.body, method=method, url=url
+            response.status,
+            response.headers,
+            response.body,
+            method=method,
+            url=url,
+            secret=self._config.api_key,
         )
 
     async def _send(
@@ -309,7 +314,12 @@ class AsyncTogether:
             if not (200 <= response.status < 300 or response.status in accept):
                 body = await response.read()
                 raise error_from_response(
-                    response.status, response.headers, body, method=method, url=url
+                    response.status,
+                    response.headers,
+                    body,
+                    method=method,
+                    url=url,
+                    secret=self._config.api_key,
                 )
             yield response
 

@@ -259,15 +259,22 @@ def error_from_response(
     method: str = "",
     url: str = "",
     now: datetime | None = None,
+    secret: str | None = None,
 ) -> APIStatusError:
     """The exception for an error answer, with the server's message in all three body shapes:
-    `{"error": "text"}`, `{"error": {"message": ...}}`, and non-JSON text or HTML."""
+    `{"error": "text"}`, `{"error": {"message": ...}}`, and non-JSON text or HTML.
+
+    `secret` (the API key) is blanked out of the message: some gateways echo the
+    Authorization header back in their error pages.
+    """
     decoded, message = _decode_error_body(body)
     if message is None:
         try:
             message = HTTPStatus(status).phrase
         except ValueError:
             message = f"HTTP {status}"
+    if secret:
+        message = message.replace(secret, "<api key>")
     if method and url:
         message = f"{message} ({_route(method, url)})"
     return status_error_class(status)(

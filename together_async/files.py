@@ -307,7 +307,12 @@ class Files:
         file_id = payload.get("file_id") if isinstance(payload, dict) else None
         if not isinstance(file_id, str) or not file_id:
             raise error_from_response(
-                response.status, response.headers, response.body, method="POST", url=response.url
+                response.status,
+                response.headers,
+                response.body,
+                method="POST",
+                url=response.url,
+                secret=self._client.config.api_key,
             )
         logger.info("a file with this checksum already exists: reusing %s", file_id)
         return await self.retrieve(file_id, max_retries=max_retries)
