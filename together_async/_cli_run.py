@@ -32,7 +32,10 @@ __all__ = [
     "RunDisplay",
     "RunInterrupted",
     "emulator_data_dir",
+    "first_line_url",
+    "interrupted_message",
     "run_batch_file",
+    "stderr_is_terminal",
 ]
 
 DEFAULT_ENDPOINT = BatchEndpoint.CHAT_COMPLETIONS.value

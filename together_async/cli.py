@@ -28,6 +28,12 @@ import orjson
 
 from . import __version__
 from ._cli_results import render_summary, write_result_rows
+from ._cli_run import (
+    EMULATOR_LATENCY,
+    RunInterrupted,
+    run_batch_file,
+    stderr_is_terminal,
+)
 from ._client import AsyncTogether
 from ._convert import unstructure
 from ._errors import (
@@ -229,9 +235,9 @@ def _add_run_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--emulator-latency",
         type=_non_negative_float,
-        default=0.02,
+        default=EMULATOR_LATENCY,
         metavar="SECONDS",
-        help="simulated seconds per request on --emulator (default: 0.02)",
+        help=f"simulated seconds per request on --emulator (default: {EMULATOR_LATENCY})",
     )
     run.set_defaults(handler=_cmd_run)
 
@@ -710,8 +716,6 @@ async def _cmd_batches_results(args: argparse.Namespace) -> int:
 
 
 async def _cmd_run(args: argparse.Namespace) -> int:
-    from ._cli_run import RunInterrupted, run_batch_file, stderr_is_terminal
-
     try:
         # The emulator finishes jobs in seconds: poll it often. Real jobs take minutes to
         # hours: start at 2 s and back off to Together's advice of 30 s or more.
