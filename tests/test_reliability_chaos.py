@@ -14,10 +14,17 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from emulator_helpers import CHAT, chat_file
+from http_fakes import SECRET_KEY, FakeFiles
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from together_async import AsyncTogether, BatchRun, ClientConfig
+from together_async import AsyncTogether, BatchJob, BatchRun, ClientConfig
+from together_async._convert import result_from_row
 from together_async.emulator import Emulator
 from together_async.emulator.faults import Fault, FaultKind
 from together_async.manifest import Manifest, ShardRecord
@@ -25,6 +32,7 @@ from together_async.manifest import Manifest, ShardRecord
 pytestmark = pytest.mark.timeout(180)
 
 MakeEmulator = Callable[..., Awaitable[Emulator]]
+Serve = Callable[[web.Application], Awaitable[TestServer]]
 CONTENT = "GET /files/{id}/content"
 
 # The mix issue 8 asks for: about 10% 5xx (half of them after the effect took place), 5% 429
@@ -281,3 +289,133 @@ async def test_stream_status_rides_through_failed_polls(make_emulator: MakeEmula
     assert (
         struck(emulator, "error") + struck(emulator, "rate_limit") + struck(emulator, "reset") >= 3
     )
+
+
+# --- properties: any cut, any chunk boundary ---------------------------------------------------
+#
+# One fake files server serves every example (hypothesis runs them inside one test call); each
+# example sets the bytes it serves and where the connection is cut.
+
+PROPERTY_SETTINGS = settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@pytest.fixture
+async def fake_files(serve: Serve) -> FakeFiles:
+    """A fake files API whose content route can cut connections and ignore Range."""
+    fake = FakeFiles()
+    storage = await serve(fake.storage_app())
+    fake.storage_url = str(storage.make_url("")).rstrip("/")
+    fake.api_server = await serve(fake.api_app())
+    return fake
+
+
+@contextlib.asynccontextmanager
+async def fake_client(fake: FakeFiles) -> AsyncIterator[AsyncTogether]:
+    config = ClientConfig(
+        api_key=SECRET_KEY,
+        base_url=str(fake.api_server.make_url("/v1")),
+        max_retries=10,
+        retry_wait_initial=0.001,
+        retry_wait_max=0.001,
+        retry_wait_jitter=0.0,
+    )
+    async with AsyncTogether.from_config(config) as client:
+        yield client
+
+
+def cuts_within(size: int) -> st.SearchStrategy[list[int]]:
+    """Where successive answers are cut: any byte offset of what each one sends (0 included)."""
+    return st.lists(st.integers(min_value=0, max_value=max(size, 1)), max_size=6)
+
+
+@st.composite
+def content_and_cuts(draw: st.DrawFn) -> tuple[bytes, list[int], bool]:
+    text_lines = draw(st.lists(st.text(max_size=40), max_size=12))
+    data = "\n".join(text_lines).encode("utf-8", "surrogatepass")
+    data += draw(st.binary(max_size=64))
+    return data, draw(cuts_within(len(data))), draw(st.booleans())
+
+
+@PROPERTY_SETTINGS
+@given(case=content_and_cuts())
+async def test_downloads_cut_anywhere_give_identical_bytes(
+    fake_files: FakeFiles, tmp_path: Path, case: tuple[bytes, list[int], bool]
+) -> None:
+    """Whatever bytes, wherever the connections drop, and whether or not the server honours
+    Range, retrieve_content and iter_lines give back exactly the server's bytes."""
+    data, cuts, ignore_range = case
+    file_id = fake_files.add_file(data)
+    fake_files.ignore_range = ignore_range
+    async with fake_client(fake_files) as client:
+        fake_files.drop_after = list(cuts)
+        downloaded = await client.files.retrieve_content(file_id, output=tmp_path / "copy")
+        assert await anyio.Path(downloaded.path).read_bytes() == data
+        fake_files.drop_after = list(cuts)
+        lines = [line async for line in client.files.iter_lines(file_id)]
+    expected = data.split(b"\n")
+    if expected and expected[-1] == b"":
+        expected.pop()
+    assert lines == [line.removesuffix(b"\r") for line in expected]
+
+
+result_rows = st.one_of(
+    st.builds(
+        lambda custom_id, status, text: {
+            "custom_id": custom_id,
+            "response": {
+                "status_code": status,
+                "body": {"choices": [{"message": {"role": "assistant", "content": text}}]},
+            },
+        },
+        st.text(min_size=1, max_size=64),
+        st.sampled_from([200, 200, 400, 429, 500]),
+        st.text(max_size=60),
+    ),
+    st.builds(
+        lambda custom_id, message, code: {
+            "custom_id": custom_id,
+            "error": {"message": message, "code": code},
+        },
+        st.text(min_size=1, max_size=64),
+        st.text(max_size=60),
+        st.sampled_from(["invalid_model", "server_error", None]),
+    ),
+)
+
+
+def encoded(rows: list[dict[str, Any]], newline: bytes, final_newline: bool) -> bytes:
+    data = newline.join(orjson.dumps(row) for row in rows)
+    return data + newline if final_newline and rows else data
+
+
+@PROPERTY_SETTINGS
+@given(
+    output=st.lists(result_rows, max_size=15),
+    errors=st.lists(result_rows, max_size=5),
+    newline=st.sampled_from([b"\n", b"\r\n"]),
+    final_newline=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0, max_value=4_000), max_size=6),
+)
+async def test_results_decode_the_same_across_any_cut(
+    fake_files: FakeFiles,
+    output: list[dict[str, Any]],
+    errors: list[dict[str, Any]],
+    newline: bytes,
+    final_newline: bool,
+    cuts: list[int],
+) -> None:
+    """batches.results over output and error files cut at any byte (multi-byte characters
+    split included, CRLF or LF, final newline or not) gives one BatchResult per line, equal to
+    decoding each line on its own."""
+    output_id = fake_files.add_file(encoded(output, newline, final_newline))
+    error_id = fake_files.add_file(encoded(errors, newline, final_newline))
+    fake_files.ignore_range = False
+    fake_files.drop_after = list(cuts)
+    job = BatchJob(id="b-1", output_file_id=output_id, error_file_id=error_id)
+    async with fake_client(fake_files) as client:
+        results = [result async for result in client.batches.results(job)]
+    assert results == [result_from_row(row, batch_id="b-1") for row in output + errors]
