@@ -31,6 +31,13 @@ from ._errors import (
     UnsafeURLError,
     WaitTimeoutError,
 )
+from ._jsonl import (
+    BatchFileProblem,
+    BatchFileReport,
+    BatchFileValidator,
+    check_batch_file,
+    validate_batch_file,
+)
 from ._models import (
     BatchEndpoint,
     BatchJob,
@@ -60,6 +67,9 @@ __all__ = [
     "BadRequestError",
     "BatchEndpoint",
     "BatchFileError",
+    "BatchFileProblem",
+    "BatchFileReport",
+    "BatchFileValidator",
     "BatchJob",
     "BatchJobStatus",
     "BatchProgressBar",
@@ -90,6 +100,8 @@ __all__ = [
     "UnsafeURLError",
     "WaitTimeoutError",
     "__version__",
+    "check_batch_file",
     "gather_batches",
     "stream_batches",
+    "validate_batch_file",
 ]
