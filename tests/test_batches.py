@@ -298,6 +298,24 @@ async def test_older_job_on_the_same_file_is_not_mistaken(
     assert len(fake.jobs) == 2
 
 
+async def test_ignored_recent_job_on_the_same_file_is_not_mistaken(
+    fake: FakeBatches, client: AsyncTogether
+) -> None:
+    """A fresh job the caller says is not this call's (same file id) is never returned."""
+    now = datetime.now(timezone.utc).isoformat()
+    earlier = fake.add_job(input_file_id="file-in", endpoint=CHAT, created_at=now)
+    fake.create_script = ["drop"]
+    job = await client.batches.create_batch("file-in", CHAT, ignore_jobs={earlier["id"]})
+    assert job.id == "batch-2"
+    assert len(fake.jobs) == 2
+
+
+async def test_ignore_jobs_given_as_a_string_is_refused(client: AsyncTogether) -> None:
+    """A single id passed as a bare string is a mistake caught before any request."""
+    with pytest.raises(InvalidArgumentError, match="ignore_jobs"):
+        await client.batches.create_batch("file-in", CHAT, ignore_jobs="batch-1")
+
+
 async def test_job_on_another_file_or_endpoint_is_not_mistaken(
     fake: FakeBatches, client: AsyncTogether
 ) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,7 @@ class Batches:
         completion_window: str = "24h",
         model_id: str | None = None,
         priority: int | None = None,
+        ignore_jobs: Collection[str] = (),
         max_retries: int | None = None,
     ) -> BatchJob:
         """Start a batch job on an uploaded file; returns the new job.
@@ -69,6 +70,12 @@ class Batches:
         the first attempt is returned instead. One call makes at most one job.
 
         The server's `warning`, if any, is kept on the returned job (`job.warning`) and logged.
+
+        Args:
+            ignore_jobs: ids of jobs known not to be this call's, left out of that check.
+                Pass the jobs you already ran on the same file: identical uploads share a
+                file id (the API deduplicates by checksum), so an earlier job on the same
+                file could otherwise be mistaken for the one this call made.
 
         Example:
             job = await client.batches.create_batch(uploaded.id, "/v1/chat/completions")
@@ -85,6 +92,9 @@ class Batches:
             raise InvalidArgumentError("model_id must be a string")
         if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
             raise InvalidArgumentError("priority must be an int")
+        if isinstance(ignore_jobs, str):
+            raise InvalidArgumentError("ignore_jobs must be a collection of job ids, not a string")
+        ignored = frozenset(ignore_jobs)
         body: dict[str, Any] = {
             "input_file_id": input_file_id,
             "endpoint": endpoint_value,
@@ -103,7 +113,7 @@ class Batches:
         async def attempt() -> BatchJob:
             nonlocal maybe_created
             if maybe_created:
-                found = await self._find_created(input_file_id, endpoint_value, since)
+                found = await self._find_created(input_file_id, endpoint_value, since, ignored)
                 if found is not None:
                     return found
             try:
@@ -122,7 +132,7 @@ class Batches:
             failure = exc
         # The last attempt may itself have created the job: look once more before giving up.
         try:
-            found = await self._find_created(input_file_id, endpoint_value, since)
+            found = await self._find_created(input_file_id, endpoint_value, since, ignored)
         except APIError as exc:
             raise with_context(
                 failure,
@@ -141,7 +151,9 @@ class Batches:
             job = attrs.evolve(job, warning=warning)
         return job
 
-    async def _find_created(self, file_id: str, endpoint: str, since: datetime) -> BatchJob | None:
+    async def _find_created(
+        self, file_id: str, endpoint: str, since: datetime, ignored: frozenset[str]
+    ) -> BatchJob | None:
         """The newest job on `file_id` and `endpoint` created at or after `since`, if any.
 
         A job that does not say when it was made counts as a match: returning it risks less
@@ -151,6 +163,7 @@ class Batches:
             job
             for job in await self.list_batches()
             if job.input_file_id == file_id
+            and job.id not in ignored
             and (job.endpoint is None or job.endpoint == endpoint)
             and (job.created_at is None or job.created_at >= since)
         ]

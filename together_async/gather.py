@@ -647,6 +647,8 @@ class _Pipeline:
                 self._run._endpoint,
                 completion_window=self._run._completion_window,
                 model_id=self._run._model,
+                # A follow-up shard can share its parent's file id (identical bytes).
+                ignore_jobs=frozenset(self._known_batch_ids),
             )
             self._stats.jobs += 1
             logger.info("shard %d: created batch %s", shard.id, job.id)
