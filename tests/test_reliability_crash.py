@@ -52,6 +52,7 @@ import orjson
 from together_async import AsyncTogether, ClientConfig, gather_batches
 from together_async.batches import Batches
 from together_async.files import Files, _UploadSource
+from together_async.manifest import Manifest
 
 base_url, api_key, requests_path, state_path, out_path = sys.argv[1:6]
 STAGE = os.environ.get("CRASH_STAGE", "")
@@ -78,6 +79,7 @@ def patch():
     chunks, upload = _UploadSource.chunks, Files.upload
     content_chunks, retrieve_content = Files._content_chunks, Files.retrieve_content
     create_batch, list_batches = Batches.create_batch, Batches.list_batches
+    record_done = Manifest.record_done
 
     async def chunks_then_stop(self):
         if not due("mid-upload"):
@@ -122,6 +124,15 @@ def patch():
             await stop_here()
         return downloaded
 
+    async def stop_then_record_done(self, *args, **kwargs):
+        if due("before-done"):
+            await stop_here()
+        follow_up = await record_done(self, *args, **kwargs)
+        if follow_up is not None and due("after-resubmit"):
+            await stop_here()
+        return follow_up
+
+    Manifest.record_done = stop_then_record_done
     _UploadSource.chunks = chunks_then_stop
     Files.upload = upload_then_stop
     Batches.create_batch = create_then_stop
@@ -159,19 +170,33 @@ asyncio.run(main())
 '''
 
 
-class GatedEcho(Engine):
-    """Echoes each request once its gate is open (closed: jobs stay IN_PROGRESS)."""
+# Rows answered 503 the first time: their shards (the first two) get a follow-up shard each.
+FLAKY_ROWS = ("request-7", "request-150")
+
+
+class GatedFlakyEcho(Engine):
+    """Echoes each request once its gate is open (closed: jobs stay IN_PROGRESS), except the
+    first attempt of FLAKY_ROWS, answered 503 (so gather resubmits them)."""
 
     def __init__(self, *, open_gate: bool = True) -> None:
         self.gate = asyncio.Event()
         if open_gate:
             self.gate.set()
+        self.failures_left = set(FLAKY_ROWS)
         self._echo = EchoEngine()
 
     async def respond(
         self, endpoint: str, body: Any, *, custom_id: str, created: int
     ) -> EngineReply:
         await self.gate.wait()
+        if custom_id in self.failures_left:
+            self.failures_left.discard(custom_id)
+            return EngineReply(
+                status_code=503,
+                body={"error": {"message": "overloaded, try later", "type": "server_error"}},
+                error_message="overloaded, try later",
+                error_code="server_error",
+            )
         return self._echo.respond_now(endpoint, body, custom_id=custom_id, created=created)
 
 
@@ -266,7 +291,7 @@ async def requests_path(tmp_path: Path) -> Path:
 @pytest.fixture
 async def uninterrupted(make_emulator: MakeEmulator, requests_path: Path) -> list[list[Any]]:
     """What an uninterrupted run of the same input gives (on an emulator of its own)."""
-    emulator = await make_emulator()
+    emulator = await make_emulator(engine=GatedFlakyEcho())
     async with AsyncTogether(base_url=emulator.base_url, api_key=emulator.api_key) as client:
         results = await gather_batches(
             client, requests_path, max_requests_per_batch=PER_BATCH, poll_interval=0.02
@@ -275,8 +300,13 @@ async def uninterrupted(make_emulator: MakeEmulator, requests_path: Path) -> lis
 
 
 async def stored_inputs(emulator: Emulator) -> list[Any]:
-    """The batch input files the emulator stores (deleted and pending ones left out)."""
-    return [f for f in await emulator.storage.list_files() if f.purpose == "batch-api"]
+    """The batch input files the emulator stores as uploaded and processed.
+
+    Left out: a PUT that completed in the killed process whose preprocess call never came
+    (the client never got a file back, so uploading again is right).
+    """
+    files = await emulator.storage.list_files()
+    return [f for f in files if f.purpose == "batch-api" and f.state == "processed"]
 
 
 def check_recorded_steps(stage: str, steps: list[ShardStep]) -> None:
@@ -290,10 +320,14 @@ def check_recorded_steps(stage: str, steps: list[ShardStep]) -> None:
         assert steps[1] is ShardStep.CREATING
     elif stage == "mid-watch":
         assert steps == [ShardStep.SUBMITTED] * SHARDS
-    elif stage == "mid-download":  # the second download was cut
+    elif stage == "mid-download":  # the third file download was cut: one shard has both
         assert downloaded == 1 and ShardStep.FINISHED in steps
     elif stage == "after-download":  # downloaded, not yet recorded
         assert downloaded == 0 and ShardStep.FINISHED in steps
+    elif stage == "before-done":  # results on disk, rows not yet accounted for
+        assert ShardStep.DOWNLOADED in steps
+    elif stage == "after-resubmit":  # a follow-up shard recorded, not yet uploaded
+        assert len(steps) > SHARDS and steps[-1] is ShardStep.WRITTEN
 
 
 STAGES = [
@@ -301,8 +335,10 @@ STAGES = [
     pytest.param("after-upload", 1, id="after-upload"),
     pytest.param("after-create", 2, id="after-create"),
     pytest.param("mid-watch", 1, id="mid-watch"),
-    pytest.param("mid-download", 2, id="mid-download"),
+    pytest.param("mid-download", 3, id="mid-download"),
     pytest.param("after-download", 1, id="after-download"),
+    pytest.param("before-done", 1, id="before-done"),
+    pytest.param("after-resubmit", 1, id="after-resubmit"),
 ]
 
 
@@ -317,8 +353,9 @@ async def test_sigkill_then_rerun_repeats_nothing(
     uninterrupted: list[list[Any]],
 ) -> None:
     """A gather process killed at `stage` and run again makes no second job and stores no input
-    twice, and its results equal an uninterrupted run's."""
-    engine = GatedEcho(open_gate=stage != "mid-watch")
+    twice (follow-up shards of resubmitted rows included), and its results equal an
+    uninterrupted run's."""
+    engine = GatedFlakyEcho(open_gate=stage != "mid-watch")
     emulator = await make_emulator(engine=engine)
     stats = emulator.stats
     driver = Driver(tmp_path, emulator, requests_path)
@@ -352,22 +389,29 @@ async def test_sigkill_then_rerun_repeats_nothing(
     results = await driver.run_to_the_end()
 
     assert results == uninterrupted
+    assert sum(1 for row in results if row[1] == 200) == ROWS
     after = await recorded_shards(driver.state_path)
-    assert [shard.step for shard in after] == [ShardStep.DONE] * SHARDS
-    assert all(shard.parent_id is None for shard in after)
+    # The three shards and one follow-up for each of the two with a flaky row.
+    assert [shard.parent_id for shard in after] == [None, None, None, 0, 1]
+    assert {shard.step for shard in after} == {ShardStep.DONE}
     # One job per input file, and they are the recorded ones.
-    assert stats.jobs_created.total() == SHARDS and set(stats.jobs_created.values()) == {1}
+    assert stats.jobs_created.total() == len(after) and set(stats.jobs_created.values()) == {1}
     assert set(stats.jobs_created) == {shard.file_id for shard in after}
     # Each shard's bytes were stored once (the killed PUT never completed a file).
     stored = await stored_inputs(emulator)
     assert sorted(f.id for f in stored) == sorted(str(shard.file_id) for shard in after)
-    assert stats["POST", "/files/{id}/preprocess"] == SHARDS
-    # The rerun uploaded only shards with no recorded file, and downloaded only shards not
-    # recorded as downloaded (each has one output file and no error file).
+    assert stats["POST", "/files/{id}/preprocess"] == len(after)
+    # The rerun uploaded only shards with no recorded file, and downloaded only the files of
+    # shards not recorded as downloaded.
     recorded_uploads = sum(1 for shard in before if shard.file_id is not None)
-    assert stats["POST", "/files"] - uploads_before == SHARDS - recorded_uploads
-    recorded_downloads = sum(1 for s in before if s.step.rank >= ShardStep.DOWNLOADED.rank)
-    assert stats["GET", "/files/{id}/content"] - downloads_before == SHARDS - recorded_downloads
+    assert stats["POST", "/files"] - uploads_before == len(after) - recorded_uploads
+    downloaded_before = {s.id for s in before if s.step.rank >= ShardStep.DOWNLOADED.rank}
+    files_to_fetch = sum(
+        (shard.output_file_id is not None) + (shard.error_file_id is not None)
+        for shard in after
+        if shard.id not in downloaded_before
+    )
+    assert stats["GET", "/files/{id}/content"] - downloads_before == files_to_fetch
 
 
 # --- the emulator killed mid-job ------------------------------------------------------------
