@@ -414,6 +414,33 @@ async def test_sigkill_then_rerun_repeats_nothing(
     assert stats["GET", "/files/{id}/content"] - downloads_before == files_to_fetch
 
 
+@pytest.mark.slow
+async def test_a_second_process_on_a_held_state_file_is_refused_and_sends_nothing(
+    make_emulator: MakeEmulator, tmp_path: Path, requests_path: Path
+) -> None:
+    """While one gather process holds the state file, a second one on it fails at once with a
+    clear error and sends no request; once the first is SIGKILLed, the lock is gone."""
+    engine = GatedFlakyEcho(open_gate=False)
+    emulator = await make_emulator(engine=engine)
+    driver = Driver(tmp_path, emulator, requests_path)
+    first = await driver.run_until("mid-watch", 1, CRASH_JOBS=str(SHARDS))
+    try:
+        second = await driver.start()
+        with anyio.fail_after(RUN_TIMEOUT):
+            await second.communicate()
+        assert second.returncode == 1
+        log = await anyio.Path(driver.log_path).read_text()
+        assert "InvalidArgumentError" in log and "state.sqlite" in log
+        # The first process may poll meanwhile; the second made no upload and no job.
+        assert emulator.stats["POST", "/files"] == SHARDS
+        assert emulator.stats.jobs_created.total() == SHARDS
+    finally:
+        await sigkill(first)
+    engine.gate.set()
+    results = await driver.run_to_the_end()
+    assert len(results) == ROWS
+
+
 # --- the emulator killed mid-job ------------------------------------------------------------
 
 
