@@ -161,6 +161,41 @@ async def test_gather_of_20000_requests_survives_the_chaos(
         assert await same_bytes(results_dir / shard.output_name, remote), shard.id
 
 
+async def test_gather_deleting_its_files_under_faults_leaves_none(
+    make_emulator: MakeEmulator,
+) -> None:
+    """delete_files=True while DELETEs fail before and after taking effect: the run completes
+    and no input, output or error file is left on the server."""
+    emulator = await make_emulator(
+        seed=19,
+        faults=[
+            Fault(
+                kind=FaultKind.ERROR, rate=0.3, routes=("DELETE /files/{id}",), after_effect=True
+            ),
+            Fault(
+                kind=FaultKind.RESET, rate=0.2, routes=("DELETE /files/{id}",), after_effect=True
+            ),
+            Fault(kind=FaultKind.RATE_LIMIT, rate=0.1, retry_after=0.01),
+        ],
+    )
+    rows = request_rows(400)
+    rows[5]["body"] = {"model": "m"}  # no messages: a 400 row, so some shards have error files
+    async with patient_client(emulator) as client:
+        results = await BatchRun(
+            client,
+            rows,
+            model="m",
+            max_requests_per_batch=50,
+            delete_files=True,
+            poll_interval=0.01,
+            max_interval=0.05,
+        ).gather()
+    assert [r.custom_id for r in results] == [row["custom_id"] for row in rows]
+    assert sum(not r.ok for r in results) == 1
+    assert await emulator.storage.list_files() == []
+    assert struck(emulator, "error") + struck(emulator, "reset") >= 3
+
+
 async def test_many_creates_under_after_effect_failures_make_one_job_each(
     make_emulator: MakeEmulator,
 ) -> None:

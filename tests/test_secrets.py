@@ -152,6 +152,37 @@ async def test_storage_redirects_to_a_third_host_never_get_the_key(
     assert all("Authorization" not in seen.headers for seen in third.requests)
 
 
+async def test_storage_on_the_api_origin_still_gets_no_key(serve: Serve) -> None:
+    """Even when the presigned URL is on the API's own host and port, the PUT carries no key:
+    the key authenticates API calls, never an upload URL (which carries its own signature)."""
+    seen = Recorder()
+    holder: dict[str, TestServer] = {}
+
+    async def start_upload(request: web.Request) -> web.Response:
+        await request.post()
+        location = str(holder["api"].make_url("/storage/file-1?sig=abc"))
+        return web.Response(
+            status=302, headers={"Location": location, "X-Together-File-Id": "file-1"}
+        )
+
+    async def put(request: web.Request) -> web.Response:
+        seen.record(request, await request.read())
+        return web.Response(status=200)
+
+    async def preprocess(request: web.Request) -> web.Response:
+        return web.json_response({"id": "file-1", "object": "file", "bytes": 10})
+
+    app = web.Application()
+    app.router.add_post("/v1/files", start_upload)
+    app.router.add_put("/storage/{name}", put)
+    app.router.add_post("/v1/files/{id}/preprocess", preprocess)
+    holder["api"] = await serve(app)
+    async with fast_client(str(holder["api"].make_url("/v1"))) as client:
+        await client.files.upload(batch_lines(2))
+    assert [request.method for request in seen.requests] == ["PUT"]
+    assert "Authorization" not in seen.requests[0].headers
+
+
 async def test_emulator_storage_sees_no_key_through_a_faulty_gather(
     make_emulator: MakeEmulator,
 ) -> None:
