@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -644,3 +645,71 @@ async def test_gather_rides_through_an_emulator_crash(
         jobs = await client.batches.list_batches()
     assert len(jobs) == 3 and len({job.input_file_id for job in jobs}) == 3
     assert {str(job.status) for job in jobs} == {"COMPLETED"}
+
+
+@pytest.mark.slow
+async def test_gather_survives_an_emulator_killed_again_and_again(
+    emulator_process: EmulatorProcess, tmp_path: Path
+) -> None:
+    """The emulator SIGKILLed three times during one gather, whatever it is doing (uploads,
+    creates, polls, downloads), restarted each time on the same data dir: the gather completes,
+    every row once and in order, one job per input file and one stored copy of each shard."""
+    served = emulator_process
+    rows = [
+        {"custom_id": f"row-{i}", "body": {"messages": [{"role": "user", "content": f"q{i}"}]}}
+        for i in range(1_500)
+    ]
+    config = ClientConfig(
+        api_key="emulator-crash-key",
+        base_url=served.base_url,
+        max_retries=30,
+        retry_wait_initial=0.05,
+        retry_wait_max=0.3,
+        retry_wait_jitter=0.02,
+    )
+    finished = anyio.Event()
+    results: list[BatchResult] = []
+    async with AsyncTogether.from_config(config) as client:
+
+        async def run() -> None:
+            try:
+                results.extend(
+                    await gather_batches(
+                        client,
+                        rows,
+                        model="m",
+                        max_requests_per_batch=100,
+                        max_concurrency=2,
+                        state_path=tmp_path / "state.sqlite",
+                        poll_interval=0.02,
+                        max_interval=0.2,
+                    )
+                )
+            finally:
+                finished.set()
+
+        async def kill_now_and_then() -> None:
+            # Chaos, not synchronisation: the kills land wherever the run happens to be.
+            for pause in (0.15, 0.25, 0.2):
+                with anyio.move_on_after(pause):
+                    await finished.wait()
+                if finished.is_set():
+                    return
+                await served.kill()
+                await served.start()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(run)
+            group.start_soon(kill_now_and_then)
+
+        assert served.starts >= 2
+        assert [r.custom_id for r in results] == [row["custom_id"] for row in rows]
+        assert [r.text for r in results] == [f"q{i}" for i in range(1_500)]
+        jobs = await client.batches.list_batches()
+        files = await client.files.list()
+    shards = await recorded_shards(tmp_path / "state.sqlite")
+    assert len(shards) == 15
+    per_file = Counter(job.input_file_id for job in jobs)
+    assert per_file == Counter({shard.file_id: 1 for shard in shards})
+    inputs = [f.id for f in files.data if f.purpose == "batch-api"]
+    assert sorted(inputs) == sorted(str(shard.file_id) for shard in shards)
