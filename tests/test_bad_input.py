@@ -301,6 +301,16 @@ async def test_edge_cases_that_are_valid_pass_the_check(
 
 # --- gather: bad rows are refused before any upload ------------------------------------------
 
+
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+NESTED_TOO_DEEP = nested(300)
+
 GATHER_CASES = {
     "invalid-json": (around(b'{"custom_id": "x", "body": {\n'), "line 3"),
     "array-line": (around(b"[1, 2]\n"), "line 3"),
@@ -338,15 +348,38 @@ async def test_gather_refuses_a_bad_file_before_any_request(
         ([{"custom_id": "a", "body": []}], "requests[0]"),
         ([{"custom_id": "a" * 65, "body": {}}], "requests[0]"),
         ([{"custom_id": "a", "body": {"t": float("nan")}}], "requests[0]"),
+        ([{"body": {}}, {"body": {"t": [1.0, float("-inf")]}}], "requests[1]"),
+        ([{"custom_id": "a", "body": {1: "int key"}}], "requests[0]"),
+        ([{"custom_id": "a", "body": {"deep": NESTED_TOO_DEEP}}], "requests[0]"),
+        ([{"custom_id": "a", "body": b"bytes"}], "requests[0]"),
+        ([{"custom_id": "a", "body": {}, "method": "GET"}], "requests[0]"),
+        ([{"custom_id": "a", "body": {}, "url": "/v1/embeddings"}], "requests[0]"),
+        ([{"custom_id": "a"}], "requests[0]"),
+        ([{"body": {"text": "x" * 2_000}}], "requests[0]"),
     ],
-    ids=["duplicate", "not-an-object", "id-type", "body-type", "id-length", "nan"],
+    ids=[
+        "duplicate",
+        "not-an-object",
+        "id-type",
+        "body-type",
+        "id-length",
+        "nan",
+        "infinity-in-a-list",
+        "non-string-key",
+        "nested-too-deep",
+        "bytes-body",
+        "bad-method",
+        "wrong-url",
+        "id-without-body",
+        "row-over-max-bytes-per-batch",
+    ],
 )
 async def test_gather_refuses_bad_rows_of_an_iterable_by_position(
     rows: list[Any], where: str, client: AsyncTogether, emulator: Emulator
 ) -> None:
     """Rows given as Python objects are refused by position (`requests[i]`), before any request."""
     with pytest.raises(BatchFileError, match=re.escape(where)):
-        await gather_batches(client, rows, model="m", poll_interval=0.01)
+        await gather_batches(client, rows, model="m", max_bytes_per_batch=1_000, poll_interval=0.01)
     assert requests_served(emulator) == 0
 
 
@@ -434,6 +467,19 @@ def bad_calls(client: AsyncTogether, tmp_path: Path) -> dict[str, Callable[[], A
             BATCH_ID, backoff=0.5
         ),
         "batches.stream_statuses one string": lambda: batches.stream_statuses(BATCH_ID),
+        "batches.stream_statuses an empty id among others": lambda: batches.stream_statuses(
+            [BATCH_ID, ""]
+        ),
+        "batches.stream_statuses zero max_concurrent_gets": lambda: batches.stream_statuses(
+            [BATCH_ID], max_concurrent_gets=0
+        ),
+        "batches.stream_statuses zero max_consecutive_failures": lambda: batches.stream_statuses(
+            [BATCH_ID], max_consecutive_failures=0
+        ),
+        "batches.wait NaN timeout": lambda: batches.wait(BATCH_ID, timeout=float("nan")),
+        "batches.stream_status max_interval below poll_interval": lambda: batches.stream_status(
+            BATCH_ID, poll_interval=5, max_interval=1
+        ),
         "batches.results empty id": lambda: batches.results(""),
         "gather_batches zero max_requests_per_batch": lambda: gather_batches(
             client, [{}], max_requests_per_batch=0
