@@ -496,8 +496,8 @@ def bad_calls(client: AsyncTogether, tmp_path: Path) -> dict[str, Callable[[], A
             client, [{}], endpoint="chat/completions"
         ),
         "gather_batches empty model": lambda: gather_batches(client, [{}], model=" "),
-        "gather_batches bytes requests": lambda: gather_batches(client, b'{"body": {}}\n'),  # type: ignore[arg-type]
-        "gather_batches one dict as requests": lambda: gather_batches(client, {"body": {}}),  # type: ignore[arg-type]
+        "gather_batches bytes requests": lambda: gather_batches(client, b'{"body": {}}\n'),
+        "gather_batches one dict as requests": lambda: gather_batches(client, {"body": {}}),
         "gather_batches int requests": lambda: gather_batches(client, 5),  # type: ignore[arg-type]
         "gather_batches negative poll_interval": lambda: gather_batches(
             client, [{}], poll_interval=-1

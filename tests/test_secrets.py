@@ -36,7 +36,7 @@ from together_async.emulator.faults import Fault, FaultKind
 if sys.version_info >= (3, 11):
     from builtins import BaseExceptionGroup
 else:  # the backport anyio itself depends on
-    from exceptiongroup import BaseExceptionGroup
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 pytestmark = pytest.mark.timeout(120)
 
