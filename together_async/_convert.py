@@ -31,6 +31,7 @@ __all__ = [
     "result_from_row",
     "structure",
     "unstructure",
+    "usage_of_row",
 ]
 
 T = TypeVar("T")
@@ -119,8 +120,13 @@ def unstructure(value: Any) -> Any:
     return converter.unstructure(value)
 
 
-def result_from_row(row: Any, *, batch_id: str | None = None) -> BatchResult:
+def result_from_row(
+    row: Any, *, batch_id: str | None = None, raw: bytes | None = None
+) -> BatchResult:
     """One decoded line of an output or error file as a BatchResult.
+
+    With `raw` (the line `row` was decoded from), the result keeps that line instead of the
+    decoded body and decodes it again on first use of `.body` (see BatchResult).
 
     Output lines: `{"custom_id", "response": {"status_code", "body"}}` (OpenAI-style lines
     also carry `"id"` and `"error": null`). Error lines: `{"custom_id", "error": {"message",
@@ -152,6 +158,15 @@ def result_from_row(row: Any, *, batch_id: str | None = None) -> BatchResult:
         raise ValueError(f"result line for {custom_id!r} has neither response nor error")
     if error_message is None and status_code is not None and status_code >= 400:
         error_message = _message_from_body(body) or f"HTTP {status_code}"
+    if raw is not None and body is not None:
+        return BatchResult(
+            custom_id=custom_id,
+            status_code=status_code,
+            error_message=error_message,
+            error_code=error_code,
+            batch_id=batch_id,
+            raw=raw,
+        )
     return BatchResult(
         custom_id=custom_id,
         status_code=status_code,
@@ -160,6 +175,23 @@ def result_from_row(row: Any, *, batch_id: str | None = None) -> BatchResult:
         error_code=error_code,
         batch_id=batch_id,
     )
+
+
+def usage_of_row(row: Any) -> dict[str, int]:
+    """The token usage of a decoded output line (empty when it has none)."""
+    if isinstance(row, dict):
+        response = row.get("response")
+        if isinstance(response, dict):
+            body = response.get("body")
+            if isinstance(body, dict):
+                usage = body.get("usage")
+                if isinstance(usage, dict):
+                    return {
+                        key: value
+                        for key, value in usage.items()
+                        if isinstance(value, int) and not isinstance(value, bool)
+                    }
+    return {}
 
 
 def _message_from_body(body: Any) -> str | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import orjson
 
 __all__ = [
     "BatchEndpoint",
@@ -233,20 +234,64 @@ class BatchRequest:
     url: str | None = None
 
 
-@attrs.frozen(kw_only=True)
+_UNREAD: Any = object()  # the body of a BatchResult that still holds its raw line
+
+
+@attrs.frozen(kw_only=True, eq=False, repr=False)
 class BatchResult:
     """The outcome of one request of a batch, from its output file or its error file.
 
     A row is `ok` when it has a 2xx status and no error. Rows from the error file carry
     `error_message` and `error_code` and usually no status.
+
+    A result may keep the raw line it came from instead of its decoded body (`raw=`); the body
+    is then decoded on first use. gather_batches holds results that way: a million decoded
+    chat completions are about 20 million objects that the garbage collector walks again and
+    again, while a million raw lines are a million untracked bytes objects.
     """
 
     custom_id: str
     status_code: int | None = None
-    body: Any = None
+    _body: Any = attrs.field(default=_UNREAD, alias="body")
     error_message: str | None = None
     error_code: str | None = None
     batch_id: str | None = None
+    _raw: bytes | None = attrs.field(default=None, alias="raw")
+
+    @property
+    def body(self) -> Any:
+        """The response body (for chat, the chat.completion object), or None."""
+        body = self._body
+        if body is _UNREAD:
+            body = _body_of_line(self._raw)
+            # Decode once: keep the body and drop the raw line, so memory does not double.
+            object.__setattr__(self, "_body", body)
+            object.__setattr__(self, "_raw", None)
+        return body
+
+    def _key(self) -> tuple[Any, ...]:
+        return (
+            self.custom_id,
+            self.status_code,
+            self.body,
+            self.error_message,
+            self.error_code,
+            self.batch_id,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BatchResult):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]  # the body is a dict
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchResult(custom_id={self.custom_id!r}, status_code={self.status_code!r}, "
+            f"body={self.body!r}, error_message={self.error_message!r}, "
+            f"error_code={self.error_code!r}, batch_id={self.batch_id!r})"
+        )
 
     @property
     def ok(self) -> bool:
@@ -280,3 +325,11 @@ class BatchResult:
         if isinstance(body, dict) and isinstance(body.get("usage"), dict):
             return {k: v for k, v in body["usage"].items() if isinstance(v, int)}
         return {}
+
+
+def _body_of_line(raw: bytes | None) -> Any:
+    if raw is None:
+        return None
+    row = orjson.loads(raw)
+    response = row.get("response") if isinstance(row, dict) else None
+    return response.get("body") if isinstance(response, dict) else None

@@ -19,7 +19,7 @@ from typing import IO, Any
 import attrs
 import orjson
 
-from ._convert import result_from_row
+from ._convert import result_from_row, usage_of_row
 from ._errors import BatchFileError
 from ._jsonl import (
     ALLOWED_METHODS,
@@ -524,6 +524,8 @@ class ShardAccounting:
         # Per row: 0 no outcome yet, 1 final outcome given, 2 to resubmit.
         self._state = bytearray(len(positions))
         self.unknown_rows = 0
+        #: Token usage summed over the final results read so far.
+        self.usage: dict[str, int] = {}
         self.resubmit_count = 0
 
     def read(self, path: Path) -> Generator[list[tuple[int, BatchResult]], None, None]:
@@ -547,7 +549,9 @@ class ShardAccounting:
             if not line.strip():
                 continue
             try:
-                result = result_from_row(orjson.loads(line), batch_id=self._batch_id)
+                row = orjson.loads(line)
+                # The result keeps the raw line, not the decoded body (see BatchResult).
+                result = result_from_row(row, batch_id=self._batch_id, raw=line)
             except (orjson.JSONDecodeError, ValueError) as exc:
                 # The row then counts as missing: resubmitted or reported, never lost.
                 logger.warning("skipping a malformed line of %s: %s", path.name, exc)
@@ -574,6 +578,8 @@ class ShardAccounting:
             else:
                 self._state[index] = 1
                 final.append((self._positions[index], result))
+                for key, value in usage_of_row(row).items():
+                    self.usage[key] = self.usage.get(key, 0) + value
         return final
 
     def finish(self) -> list[tuple[int, BatchResult]]:

@@ -407,14 +407,16 @@ class _Stats:
         self._stopped = anyio.current_time()
 
     def count(self, chunk: list[tuple[int, BatchResult]]) -> None:
-        usage = self.usage
         for _, result in chunk:
             if result.ok:
                 self.rows_ok += 1
             else:
                 self.rows_failed += 1
-            for key, value in result.usage.items():
-                usage[key] = usage.get(key, 0) + value
+
+    def add_usage(self, usage: Mapping[str, int]) -> None:
+        # Summed by ShardAccounting while it decodes, so no result's body is decoded again.
+        for key, value in usage.items():
+            self.usage[key] = self.usage.get(key, 0) + value
 
     def snapshot(self) -> BatchRunSummary:
         if self._started is None:
@@ -779,6 +781,7 @@ class _Pipeline:
                     await self._deliver_file(accounting, workspace.results / name)
             final = await anyio.to_thread.run_sync(accounting.finish, limiter=self._python_work)
             await self._deliver(final)
+            self._stats.add_usage(accounting.usage)
             if not replay:
                 new_shard = await anyio.to_thread.run_sync(
                     lambda: accounting.write_follow_up(
