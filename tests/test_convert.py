@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import attrs
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -23,6 +24,7 @@ from together_async._convert import (
     structure,
     structure_file_list,
     unstructure,
+    usage_of_row,
 )
 
 REAL_JOB = {
@@ -307,3 +309,29 @@ def test_any_schema_valid_file_parses(file: dict[str, object], extra: dict[str, 
     """Any schema-valid FileResponse, with unknown purposes and extra keys, parses."""
     parsed = structure({**extra, **file}, FileObject)
     assert parsed.id == file["id"] and parsed.file_type == file["FileType"]
+
+
+_OUTPUT_LINE = (
+    b'{"custom_id":"r1","response":{"status_code":200,"body":'
+    b'{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":3,"total_tokens":5}}}}'
+)
+
+
+def test_result_with_raw_line_decodes_its_body_on_use() -> None:
+    """A result kept as its raw line has the same body, text and usage as a decoded one."""
+    row = orjson.loads(_OUTPUT_LINE)
+    lazy = result_from_row(row, raw=_OUTPUT_LINE)
+    assert lazy.text == "hi" and lazy.usage == {"prompt_tokens": 3, "total_tokens": 5}
+    assert lazy == result_from_row(row)
+
+
+def test_result_with_raw_line_repr_shows_the_body() -> None:
+    """repr of a lazily decoded result shows the body, not the raw bytes."""
+    lazy = result_from_row(orjson.loads(_OUTPUT_LINE), raw=_OUTPUT_LINE)
+    assert "'content': 'hi'" in repr(lazy) and "raw" not in repr(lazy)
+
+
+def test_usage_of_row_reads_integer_counts_only() -> None:
+    """usage_of_row sums nothing but integer counts (booleans and nulls are skipped)."""
+    row = {"custom_id": "a", "response": {"body": {"usage": {"a": 1, "b": True, "c": None}}}}
+    assert usage_of_row(row) == {"a": 1}
