@@ -522,20 +522,7 @@ async def call(factory: Callable[[], Any]) -> None:
         await made
 
 
-# create_batch passes any non-empty endpoint string to the server, which answers 400: the
-# error is clear, but it comes from a request. Whether the client should refuse endpoints it
-# does not know (forward compatibility vs. an early error) is the lead's call.
-ENDPOINT_NOT_CHECKED = pytest.mark.xfail(
-    strict=True,
-    reason="create_batch sends any non-empty endpoint string (e.g. 'chat/completions', "
-    "'/v1/chat/completion') to the server instead of refusing it before the request",
-)
-BAD_CALLS = [
-    pytest.param(name, marks=ENDPOINT_NOT_CHECKED)
-    if "endpoint" in name and "create" in name and ("relative" in name or "unknown" in name)
-    else name
-    for name in sorted(bad_calls(AsyncTogether(api_key="x", base_url="http://127.0.0.1:9"), Path()))
-]
+BAD_CALLS = sorted(bad_calls(AsyncTogether(api_key="x", base_url="http://127.0.0.1:9"), Path()))
 
 
 @pytest.mark.parametrize("name", BAD_CALLS)

@@ -14,6 +14,7 @@ from together_async import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    BatchEndpoint,
     ConflictError,
     InternalServerError,
     InvalidArgumentError,
@@ -35,6 +36,7 @@ from together_async._protocol import (
     parse_content_range,
     parse_retry_after,
     request_id_from,
+    require_endpoint,
     require_id,
     resolve_location,
     retry_backoff,
@@ -396,3 +398,21 @@ def test_relative_location_is_resolved() -> None:
 def test_parse_content_range(value: str | None, expected: object) -> None:
     """`bytes START-END/TOTAL` parses; anything else gives None."""
     assert parse_content_range(value) == expected
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/embeddings", "/v1/completions"])
+def test_known_endpoints_pass(endpoint: str) -> None:
+    """Every endpoint the Batch API serves is accepted as a plain string."""
+    assert require_endpoint(endpoint) == endpoint
+
+
+def test_endpoint_enum_member_passes() -> None:
+    """A BatchEndpoint member gives its path."""
+    assert require_endpoint(BatchEndpoint.EMBEDDINGS) == "/v1/embeddings"
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completion", "chat/completions", "", "/v2/x"])
+def test_unknown_endpoint_is_refused_naming_the_known_ones(endpoint: str) -> None:
+    """A typo in the endpoint is refused with the list of endpoints that exist."""
+    with pytest.raises(InvalidArgumentError, match="'/v1/chat/completions'"):
+        require_endpoint(endpoint)

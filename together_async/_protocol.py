@@ -29,6 +29,7 @@ from ._errors import (
     UnsafeURLError,
     status_error_class,
 )
+from ._models import BatchEndpoint
 
 __all__ = [
     "RETRYABLE_STATUSES",
@@ -38,6 +39,7 @@ __all__ = [
     "decode_json",
     "error_from_response",
     "get_header",
+    "require_endpoint",
     "is_ambiguous_create_failure",
     "is_api_url",
     "is_retryable_status",
@@ -80,6 +82,29 @@ def require_id(value: object, what: str) -> str:
         # into a step up the path: another route, e.g. cancel_batch("..") -> POST /v1/cancel.
         raise InvalidArgumentError(f"{what} must not be {value!r}")
     return value
+
+
+_KNOWN_ENDPOINTS = tuple(endpoint.value for endpoint in BatchEndpoint)
+
+
+def require_endpoint(value: object) -> str:
+    """The endpoint as a string if it is one Together's Batch API serves, else raise.
+
+    Checked before any request: a typo ("/v1/chat/completion", "chat/completions") would
+    otherwise cost an upload and a failed job. The list is `BatchEndpoint`.
+    """
+    endpoint = value.value if isinstance(value, BatchEndpoint) else value
+    if not isinstance(endpoint, str):
+        raise InvalidArgumentError(
+            f"endpoint must be a string such as '/v1/chat/completions', "
+            f"got {type(value).__name__}"
+        )
+    if endpoint not in _KNOWN_ENDPOINTS:
+        raise InvalidArgumentError(
+            f"unknown batch endpoint {endpoint!r}; the Batch API serves "
+            + ", ".join(repr(known) for known in _KNOWN_ENDPOINTS)
+        )
+    return endpoint
 
 
 def api_url(base_url: str, *segments: str) -> str:

@@ -22,6 +22,7 @@ from ._models import BatchEndpoint, BatchJob, BatchResult
 from ._protocol import (
     decode_json,
     is_ambiguous_create_failure,
+    require_endpoint,
     require_id,
     unwrap_job,
     with_context,
@@ -81,11 +82,7 @@ class Batches:
             job = await client.batches.create_batch(uploaded.id, "/v1/chat/completions")
         """
         input_file_id = require_id(file_id, "file_id")
-        endpoint_value = str(endpoint.value if isinstance(endpoint, BatchEndpoint) else endpoint)
-        if not isinstance(endpoint, (str, BatchEndpoint)) or not endpoint_value.strip():
-            raise InvalidArgumentError(
-                "endpoint must be a non-empty string such as '/v1/chat/completions'"
-            )
+        endpoint_value = require_endpoint(endpoint)
         if not isinstance(completion_window, str) or not completion_window.strip():
             raise InvalidArgumentError("completion_window must be a non-empty string")
         if model_id is not None and not isinstance(model_id, str):

@@ -38,6 +38,7 @@ from ._protocol import (
     error_from_response,
     get_header,
     parse_content_range,
+    require_endpoint,
     require_id,
     resolve_location,
     user_agent,
@@ -245,11 +246,12 @@ class Files:
             raise InvalidArgumentError(f"purpose must be a non-empty string, got {purpose!r}")
         if filename is not None and (not isinstance(filename, str) or not filename.strip()):
             raise InvalidArgumentError("filename must be a non-empty string")
+        endpoint_value = None if endpoint is None else require_endpoint(endpoint)
         source = await _UploadSource.open(file, filename)
         try:
             checksum = await source.scan(
                 validate=check and purpose_value == _BATCH_API,
-                endpoint=None if endpoint is None else str(endpoint),
+                endpoint=endpoint_value,
             )
             return await self._upload(source, purpose_value, checksum, max_retries)
         finally:

@@ -56,6 +56,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from ._errors import InvalidArgumentError, ManifestMismatchError, NotFoundError
 from ._models import BatchEndpoint, BatchJob, BatchResult
+from ._protocol import require_endpoint
 from ._sharding import InputSharder, ShardAccounting, WrittenShard
 from .manifest import Manifest, ShardRecord, ShardStep
 from .watch import BatchWatcher, JobObserver, PollSchedule
@@ -933,12 +934,7 @@ def _check_requests(requests: Any) -> RequestsInput:
 
 
 def _check_endpoint(endpoint: Any) -> str:
-    value = endpoint.value if isinstance(endpoint, BatchEndpoint) else endpoint
-    if not isinstance(value, str) or not value.startswith("/"):
-        raise InvalidArgumentError(
-            f"endpoint must be a path such as '/v1/chat/completions', got {endpoint!r}"
-        )
-    return value
+    return require_endpoint(endpoint)
 
 
 def _check_count(name: str, value: Any) -> int:
