@@ -12,14 +12,14 @@ import asyncio
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import together
 
 from benchmarks._child import child_parser, host_of
 from benchmarks._harness import LoopStallMeter, PeakRSS, cpu_and_wall, emit_result
 
-ENDPOINT = "/v1/chat/completions"
+ENDPOINT: Final = "/v1/chat/completions"
 TERMINAL = frozenset({"COMPLETED", "FAILED", "EXPIRED", "CANCELLED"})
 
 
