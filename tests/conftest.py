@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest.mock import Mock
 
 import aiohttp
 import pytest
 import stamina
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aioresponses import aioresponses
 from emulator_helpers import EMULATOR_KEY, RawAPI
 from http_fakes import SECRET_KEY
 
@@ -110,3 +112,24 @@ async def client(emulator: Emulator) -> AsyncIterator[AsyncTogether]:
     """An AsyncTogether for the `emulator` fixture, closed at teardown."""
     async with AsyncTogether(base_url=emulator.base_url, api_key=emulator.api_key) as together:
         yield together
+
+
+@pytest.fixture
+def mock_http(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
+    """aioresponses, made to work on aiohttp >= 3.14 (request shapes and error paths only).
+
+    aioresponses 0.7.9 builds its fake ClientResponse without the `stream_writer` argument that
+    aiohttp 3.14 made required, and every mocked call then fails with a TypeError. We must not
+    pin aiohttp below 3.14 (a security release), so the response class aioresponses uses gets
+    that one argument filled in. Streaming paths use aiohttp's test server or the emulator.
+    """
+    import aioresponses.core as aioresponses_core
+
+    class _Aiohttp314Response(aiohttp.ClientResponse):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("stream_writer", Mock())
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(aioresponses_core, "ClientResponse", _Aiohttp314Response)
+    with aioresponses() as mocked:
+        yield mocked
