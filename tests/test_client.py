@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import aiohttp
 import pytest
+import stamina
 from aiohttp import web
 from aiohttp.test_utils import TestServer, unused_port
 from http_fakes import SECRET_KEY, Recorder, job_json
+from stamina.instrumentation import RetryDetails, get_on_retry_hooks, set_on_retry_hooks
 
 from together_async import (
     APIConnectionError,
@@ -232,6 +234,61 @@ async def test_client_errors_are_not_retried(serve: Serve, make_client: MakeClie
     server = await serve(batches_app(recorder, reply({"error": "bad endpoint"}, status=400)))
     with pytest.raises(BadRequestError, match="bad endpoint"):
         await make_client(server).batches.list_batches()
+    assert len(recorder.requests) == 1
+
+
+@pytest.fixture
+def retry_details() -> Iterator[list[RetryDetails]]:
+    """The RetryDetails stamina hands its on-retry hooks during the test."""
+    seen: list[RetryDetails] = []
+    previous = get_on_retry_hooks()
+    set_on_retry_hooks([seen.append])
+    yield seen
+    set_on_retry_hooks(previous)
+
+
+async def test_retries_are_counted_from_the_first_attempt(
+    serve: Serve, make_client: MakeClient, retry_details: list[RetryDetails]
+) -> None:
+    """Two 503s then a 200: stamina's hooks see retries 1 and 2, the first caused by the
+    first attempt's failure (which ran outside stamina's context)."""
+    recorder = Recorder()
+    server = await serve(
+        batches_app(
+            recorder,
+            reply({"error": "busy once"}, status=503),
+            reply({"error": "busy twice"}, status=503),
+            reply([job_json("b1")]),
+        )
+    )
+    await make_client(server).batches.list_batches()
+    assert len(recorder.requests) == 3
+    assert [details.retry_num for details in retry_details] == [1, 2]
+    causes = [details.caused_by for details in retry_details]
+    assert all(isinstance(cause, InternalServerError) for cause in causes)
+    assert ["busy once" in str(causes[0]), "busy twice" in str(causes[1])] == [True, True]
+
+
+async def test_a_failure_that_is_not_retried_runs_no_retry_hook(
+    serve: Serve, make_client: MakeClient, retry_details: list[RetryDetails]
+) -> None:
+    """A 400 is raised without stamina's on-retry hooks hearing of it."""
+    server = await serve(batches_app(Recorder(), reply({"error": "bad"}, status=400)))
+    with pytest.raises(BadRequestError):
+        await make_client(server).batches.list_batches()
+    assert retry_details == []
+
+
+async def test_stamina_deactivated_means_one_attempt(serve: Serve, make_client: MakeClient) -> None:
+    """With stamina.set_active(False) a retryable failure is raised after one attempt."""
+    recorder = Recorder()
+    server = await serve(batches_app(recorder, reply({"error": "down"}, status=503)))
+    stamina.set_active(False)
+    try:
+        with pytest.raises(InternalServerError):
+            await make_client(server, max_retries=3).batches.list_batches()
+    finally:
+        stamina.set_active(True)
     assert len(recorder.requests) == 1
 
 

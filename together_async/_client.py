@@ -196,12 +196,27 @@ class AsyncTogether:
     async def _with_retries(
         self, operation: Callable[[], Awaitable[T]], *, max_retries: int | None
     ) -> T:
-        """Run `operation` under the client's retry policy; it must rebuild any body it sends."""
+        """Run `operation` under the client's retry policy; it must rebuild any body it sends.
+
+        The first attempt runs bare: building stamina's retry context costs more CPU than a
+        whole request to a nearby server, and almost every call succeeds at once. Only a
+        failure the policy retries enters stamina, which is handed that failure as its own
+        first attempt, so attempt counts, waits, Retry-After, test mode and stamina's retry
+        hooks behave exactly as if stamina had run the first attempt itself.
+        """
+        try:
+            return await operation()
+        except Exception as exc:
+            first_failure = exc
         config = self._config
 
         def backoff(exc: Exception) -> bool | float:
             return retry_backoff(exc, retry_after_max=config.retry_after_max)
 
+        # Not retryable: stamina would re-raise it at once without running any hook.
+        if backoff(first_failure) is False:
+            raise first_failure
+        replayed = False
         async for attempt in stamina.retry_context(
             on=backoff,
             attempts=config.attempts_for(max_retries),
@@ -211,6 +226,9 @@ class AsyncTogether:
             wait_jitter=config.retry_wait_jitter,
         ):
             with attempt:
+                if not replayed:
+                    replayed = True
+                    raise first_failure
                 return await operation()
         raise AssertionError("unreachable: stamina re-raises the last failure")
 
