@@ -158,6 +158,20 @@ def test_timestamp_with_nanoseconds() -> None:
     assert parsed == datetime(2024, 1, 15, 14, 30, 0, 123456, tzinfo=timezone.utc)
 
 
+@given(
+    moment=st.datetimes(timezones=st.just(timezone.utc)),
+    extra_digits=st.text("0123456789", max_size=3),
+    suffix=st.sampled_from(["Z", "z", "+00:00"]),
+)
+def test_timestamp_fraction_is_cut_to_microseconds(
+    moment: datetime, extra_digits: str, suffix: str
+) -> None:
+    """Up to nine fractional digits and any UTC spelling give the same microsecond-exact
+    moment (digits past the sixth are cut, not rounded)."""
+    text = moment.replace(tzinfo=None).isoformat(timespec="microseconds") + extra_digits
+    assert parse_timestamp(text + suffix) == moment
+
+
 def test_naive_timestamp_is_taken_as_utc() -> None:
     """A timestamp without an offset is read as UTC, so every datetime is aware."""
     parsed = parse_timestamp("2024-01-15T14:30:00")
