@@ -2,21 +2,26 @@
 
 Wire JSON -> models: timestamps as ISO strings or unix ints, the capitalised FileResponse keys,
 tolerant enums, unknown keys ignored. Models -> wire JSON: unset request fields omitted.
-Result lines of batch output/error files are decoded by a plain function, as that is a hot path.
+Result lines of batch output/error files are decoded by a plain function, as that is a hot path;
+BatchJob and FileObject have fast hooks that leave any unusual input to cattrs.
 """
 
 from __future__ import annotations
 
 import re
+import typing
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
+import attrs
 import cattrs
 from cattrs.gen import make_dict_unstructure_fn, override
 from cattrs.preconf.orjson import make_converter
 
 from ._errors import APIResponseValidationError
 from ._models import (
+    BatchJob,
     BatchJobStatus,
     BatchRequest,
     BatchResult,
@@ -80,12 +85,169 @@ _FILE_KEY_ALIASES = {"FileType": "file_type", "Processed": "processed", "LineCou
 _structure_file_plain = converter.get_structure_hook(FileObject)
 
 
-def _structure_file(value: Any, _: Any) -> FileObject:
+def _structure_file_generated(value: Any, _: Any) -> FileObject:
     if isinstance(value, dict):
         value = {_FILE_KEY_ALIASES.get(key, key): item for key, item in value.items()}
     return _structure_file_plain(value, FileObject)  # type: ignore[no-any-return]
 
 
+_structure_job_generated = converter.get_structure_hook(BatchJob)
+
+# BatchJob and FileObject are structured on every poll, so they get fast hooks: cattrs'
+# generated ones spend most of their time in per-field Optional dispatch. A response whose
+# every field already has its declared JSON type (nearly all of them) is built directly;
+# anything else (a wrong type, a missing or non-string id, a bad timestamp) goes to cattrs'
+# generated hook, so coercions and error messages stay exactly cattrs'. tests/test_convert.py
+# checks that both paths agree on arbitrary input.
+
+
+_UNUSABLE: Any = object()  # a value the fast path leaves to cattrs
+
+# One function per declared field type: the value if `item` (never None) already has that
+# JSON type, else _UNUSABLE.
+
+
+def _fast_str(item: Any) -> Any:
+    return item if type(item) is str else _UNUSABLE
+
+
+def _fast_int(item: Any) -> Any:
+    return item if type(item) is int else _UNUSABLE  # a bool is not an int here
+
+
+def _fast_float(item: Any) -> Any:
+    item_type = type(item)
+    if item_type is float:
+        return item
+    if item_type is int:
+        try:
+            return float(item)
+        except OverflowError:
+            return _UNUSABLE
+    return _UNUSABLE
+
+
+def _fast_bool(item: Any) -> Any:
+    return item if type(item) is bool else _UNUSABLE
+
+
+def _fast_time(item: Any) -> Any:
+    item_type = type(item)
+    if item_type is str or item_type is int or item_type is float:
+        try:
+            return parse_timestamp(item)
+        except (ValueError, OverflowError, OSError):
+            return _UNUSABLE
+    return _UNUSABLE
+
+
+def _fast_status(item: Any) -> Any:
+    return BatchJobStatus(item) if type(item) is str else _UNUSABLE
+
+
+def _fast_purpose(item: Any) -> Any:
+    return FilePurpose(item) if type(item) is str else _UNUSABLE
+
+
+def _fast_any(item: Any) -> Any:
+    return item
+
+
+def _fast_int_counts(item: Any) -> Any:
+    if type(item) is dict and all(
+        type(key) is str and type(count) is int for key, count in item.items()
+    ):
+        return dict(item)
+    return _UNUSABLE
+
+
+def _fast_json_object(item: Any) -> Any:
+    if type(item) is dict and all(type(key) is str for key in item):
+        return dict(item)
+    return _UNUSABLE
+
+
+_FAST_BY_TYPE: dict[Any, Callable[[Any], Any]] = {
+    str: _fast_str,
+    int: _fast_int,
+    float: _fast_float,
+    bool: _fast_bool,
+    datetime: _fast_time,
+    BatchJobStatus: _fast_status,
+    FilePurpose: _fast_purpose,
+    Any: _fast_any,
+    dict[str, int]: _fast_int_counts,
+    dict[str, Any]: _fast_json_object,
+}
+
+_FieldTable = dict[str, tuple[str, Callable[[Any], Any]]]
+
+
+def _field_table(cls: type[Any], aliases: dict[str, str]) -> _FieldTable:
+    """Wire key -> (field name, fast function) for every field of `cls` but `id`.
+
+    Raises at import for a field type the fast path does not know, so a new model field
+    cannot silently take a wrong path.
+    """
+    hints = typing.get_type_hints(cls)
+    table: _FieldTable = {}
+    for field in attrs.fields(cls):
+        if field.name == "id":
+            continue  # checked first: it must be a str, never None
+        declared = hints[field.name]
+        if declared is not Any:
+            args = typing.get_args(declared)
+            if len(args) != 2 or type(None) not in args:
+                raise TypeError(f"{cls.__name__}.{field.name}: expected T | None, got {declared}")
+            declared = next(arg for arg in args if arg is not type(None))
+        table[field.name] = (field.name, _FAST_BY_TYPE[declared])
+    for alias, name in aliases.items():
+        table[alias] = table[name]
+    return table
+
+
+def _fast_fields(value: Any, table: _FieldTable) -> dict[str, Any] | None:
+    """The constructor arguments for `value`, or None when cattrs must decide."""
+    if type(value) is not dict:
+        return None
+    identifier = value.get("id")
+    if type(identifier) is not str:
+        return None
+    fields: dict[str, Any] = {"id": identifier}
+    for key, item in value.items():
+        entry = table.get(key)
+        if entry is None:
+            continue  # "id", or a key this version does not know
+        if item is None:
+            fields[entry[0]] = None
+            continue
+        converted = entry[1](item)
+        if converted is _UNUSABLE:
+            return None
+        # A capitalised key and its snake_case form: the later one wins, as with cattrs.
+        fields[entry[0]] = converted
+    return fields
+
+
+_JOB_FIELDS = _field_table(BatchJob, {})
+_FILE_FIELDS = _field_table(FileObject, _FILE_KEY_ALIASES)
+
+
+def _structure_job(value: Any, _: Any) -> BatchJob:
+    fields = _fast_fields(value, _JOB_FIELDS)
+    if fields is None:
+        return _structure_job_generated(value, BatchJob)  # type: ignore[no-any-return]
+    return BatchJob(**fields)
+
+
+def _structure_file(value: Any, _: Any) -> FileObject:
+    fields = _fast_fields(value, _FILE_FIELDS)
+    if fields is None:
+        return _structure_file_generated(value, FileObject)
+    return FileObject(**fields)
+
+
+converter.register_structure_hook(BatchJob, _structure_job)
 converter.register_structure_hook(FileObject, _structure_file)
 converter.register_unstructure_hook(
     BatchRequest,
