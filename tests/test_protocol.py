@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from together_async import (
     APIConnectionError,
@@ -25,6 +27,7 @@ from together_async import (
     UnsafeURLError,
 )
 from together_async._protocol import (
+    APIOrigin,
     api_url,
     auth_headers,
     check_upload_url,
@@ -93,6 +96,26 @@ def test_user_agent_names_the_library() -> None:
 def test_is_api_url_compares_scheme_host_and_port(url: str, expected: bool) -> None:
     """Only the API's own origin may receive the key."""
     assert is_api_url(url, HTTPS_API) is expected
+
+
+_URL_PIECES = ["http", "https", "HTTPS", ":", "//", "/", "api.together.ai", "API.together.ai"]
+_URL_PIECES += [":443", ":8443", ":80", ":", "@", "evil.example", "v1", "?", "#", "\\", "."]
+
+
+@given(
+    base=st.lists(st.sampled_from(_URL_PIECES), max_size=7).map("".join)
+    | st.sampled_from([HTTPS_API, HTTPS_API + "/", "http://127.0.0.1:8080", "https://h:x/v1"]),
+    tail=st.lists(st.sampled_from(_URL_PIECES), max_size=5).map("".join),
+    from_base=st.booleans(),
+)
+@example(base="", tail="//evil.example/v1", from_base=False)
+@example(base="http://", tail="http://evil.example/v1", from_base=False)
+@example(base="https://h:x/v1", tail="https://h:x/v1/files", from_base=False)
+def test_api_origin_agrees_with_is_api_url(base: str, tail: str, from_base: bool) -> None:
+    """APIOrigin (parsed once per client) decides like is_api_url for any URL, those built
+    from the base URL included."""
+    url = api_url(base, tail) if from_base else tail
+    assert (url in APIOrigin(base)) is is_api_url(url, base)
 
 
 # ---- error mapping ------------------------------------------------------------------------

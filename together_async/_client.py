@@ -20,11 +20,11 @@ import stamina
 from ._config import API_KEY_ENV, ClientConfig
 from ._errors import ClientClosedError, MissingAPIKeyError, TogetherError
 from ._protocol import (
+    APIOrigin,
     api_url,
     auth_headers,
     decode_json,
     error_from_response,
-    is_api_url,
     retry_backoff,
     user_agent,
 )
@@ -98,6 +98,7 @@ class AsyncTogether:
 
     def _setup(self, config: ClientConfig, session: aiohttp.ClientSession | None) -> None:
         self._config = config
+        self._api_origin = APIOrigin(config.base_url)
         self._caller_session = session
         self._own_session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
@@ -179,7 +180,7 @@ class AsyncTogether:
     def _headers_for(self, url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """User-Agent always; the key only for the API's own host."""
         headers = {"User-Agent": user_agent()}
-        if is_api_url(url, self._config.base_url):
+        if url in self._api_origin:
             key = self._config.api_key
             if key is None:
                 raise MissingAPIKeyError(

@@ -7,6 +7,7 @@ Nothing here does I/O or needs an event loop, so all of it is tested synchronous
 from __future__ import annotations
 
 import email.utils
+import functools
 import html
 import ipaddress
 import platform
@@ -33,6 +34,7 @@ from ._models import BatchEndpoint
 
 __all__ = [
     "RETRYABLE_STATUSES",
+    "APIOrigin",
     "api_url",
     "auth_headers",
     "check_upload_url",
@@ -59,8 +61,9 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _MESSAGE_LIMIT = 500
 
 
+@functools.lru_cache(maxsize=1)
 def user_agent() -> str:
-    """The User-Agent sent with every request."""
+    """The User-Agent sent with every request (computed once: it is sent on every call)."""
     from . import __version__
 
     return f"together-async/{__version__} Python/{platform.python_version()}"
@@ -96,8 +99,7 @@ def require_endpoint(value: object) -> str:
     endpoint = value.value if isinstance(value, BatchEndpoint) else value
     if not isinstance(endpoint, str):
         raise InvalidArgumentError(
-            f"endpoint must be a string such as '/v1/chat/completions', "
-            f"got {type(value).__name__}"
+            f"endpoint must be a string such as '/v1/chat/completions', got {type(value).__name__}"
         )
     if endpoint not in _KNOWN_ENDPOINTS:
         raise InvalidArgumentError(
@@ -128,6 +130,22 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 def is_api_url(url: str, base_url: str) -> bool:
     """True when `url` has the API's scheme, host and port: only then may it carry the key."""
     return _origin(url) == _origin(base_url)
+
+
+class APIOrigin:
+    """`is_api_url` for one base URL, parsed once (a client asks it on every request)."""
+
+    def __init__(self, base_url: str) -> None:
+        self._origin = _origin(base_url)
+        # A URL made by api_url (nearly every request) needs no parsing: when the base URL
+        # names a host, text up to a "/" after the whole base URL holds its scheme, host and
+        # port. A base without one ("", "http:") could be followed by a host: no shortcut.
+        self._prefix = base_url.rstrip("/") + "/" if urlsplit(base_url).netloc else None
+
+    def __contains__(self, url: str) -> bool:
+        if self._prefix is not None and url.startswith(self._prefix):
+            return True
+        return _origin(url) == self._origin
 
 
 def get_header(headers: Mapping[str, str], name: str) -> str | None:
