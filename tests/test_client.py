@@ -415,6 +415,18 @@ async def test_repr_str_errors_and_debug_logs_never_show_the_key(
     assert all(SECRET_KEY not in text for text in texts)
 
 
+async def test_debug_log_names_each_request_and_its_answer(
+    serve: Serve, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With DEBUG on, each request is logged as method, URL without query, status and size."""
+    server = await serve(batches_app(Recorder()))
+    caplog.set_level(logging.DEBUG, logger="together_async.transport")
+    await make_client(server).batches.list_batches()
+    url = str(server.make_url("/v1/batches"))
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(message.startswith(f"GET {url} -> 200 (") for message in messages), messages
+
+
 async def test_rate_limit_error_carries_retry_after(serve: Serve, make_client: MakeClient) -> None:
     """When retries run out, the RateLimitError says how long the server asked to wait."""
     server = await serve(

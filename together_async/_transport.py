@@ -167,7 +167,8 @@ class Transport:
                     body=body,
                     url=url,
                 )
-        logger.debug("%s -> %d (%d bytes)", _shown(method, url), result.status, len(body))
+        if logger.isEnabledFor(logging.DEBUG):  # _shown parses the URL: not for nothing
+            logger.debug("%s -> %d (%d bytes)", _shown(method, url), result.status, len(body))
         return result
 
     @asynccontextmanager
@@ -190,7 +191,8 @@ class Transport:
                 allow_redirects=False,
                 timeout=self._timeout,
             )
-        logger.debug("%s -> %d (streaming)", _shown(method, url), response.status)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s -> %d (streaming)", _shown(method, url), response.status)
         streaming = StreamingResponse(response, method, url)
         try:
             yield streaming
