@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Collection, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -332,21 +332,124 @@ class Batches:
         for file_id in (job.output_file_id, job.error_file_id):
             if not file_id:
                 continue
-            lines = self._client.files._iter_lines(file_id, max_retries)
-            async with contextlib.aclosing(lines):
-                number = 0
-                async for line in lines:
-                    number += 1
-                    if not line.strip():
-                        continue
-                    yield _result_from_line(line, file_id=file_id, line=number, batch_id=batch_id)
+            # One async generator between the socket and the caller, the rows decoded in a
+            # plain loop: nested async generators (lines, file lines, results) cost more per
+            # row than the decoding itself. The loop is held for one window of rows at most
+            # (about a millisecond), so it stays responsive.
+            chunks = self._client.files._content_chunks(file_id, max_retries=max_retries)
+            async with contextlib.aclosing(chunks):
+                decoder = _ResultDecoder(file_id=file_id, batch_id=batch_id)
+                async for chunk in chunks:
+                    for window in decoder.feed(chunk):
+                        for result in window:
+                            yield result
+                    decoder.raise_for_bad_line()
+                for result in decoder.finish():
+                    yield result
+                decoder.raise_for_bad_line()
 
 
-def _result_from_line(data: bytes, *, file_id: str, line: int, batch_id: str) -> BatchResult:
-    try:
-        return result_from_row(orjson.loads(data), batch_id=batch_id)
-    except orjson.JSONDecodeError as exc:
-        problem = f"not valid JSON ({exc.msg})"
-    except ValueError as exc:
-        problem = str(exc)
-    raise APIResponseValidationError(f"batch {batch_id}: file {file_id} line {line}: {problem}")
+_DECODE_WINDOW = 128 * 1024
+"""Bytes of rows decoded before their results are handed on: the rows of a window and their
+results stay in the CPU cache (a whole 1 MiB chunk at once was ~15% slower)."""
+
+
+class _ResultDecoder:
+    """Output or error file bytes, fed in chunks of any size, as BatchResults (blank lines
+    skipped, CRLF accepted).
+
+    A bad line ends decoding: feed() gives the results before it, and raise_for_bad_line()
+    then raises APIResponseValidationError naming the file and the line, so the caller gets
+    every good row first, as from a line-by-line reader.
+    """
+
+    def __init__(self, *, file_id: str, batch_id: str) -> None:
+        self._file_id = file_id
+        self._batch_id = batch_id
+        self._pending: list[bytes] = []  # the partial last line, as pieces
+        # Lines are numbered (for an error) from these two counts, not counted one by one.
+        self._rows_before = 0  # results given for the earlier windows
+        self._blank_lines = 0
+        self._bad_line: APIResponseValidationError | None = None
+        self._next_start = 0
+
+    def feed(self, chunk: bytes) -> Iterator[list[BatchResult]]:
+        """The results of the lines that `chunk` completes, a list per window of bytes."""
+        newline = chunk.find(b"\n")
+        if newline < 0 or self._bad_line is not None:
+            if chunk:
+                self._pending.append(chunk)
+            return
+        start = 0
+        if self._pending:
+            self._pending.append(chunk[: newline + 1])
+            line = b"".join(self._pending)
+            self._pending = []
+            yield self._window(line, 0, len(line))
+            start = newline + 1
+        while self._bad_line is None:
+            newline = chunk.find(b"\n", start)
+            if newline < 0:
+                if start < len(chunk):
+                    self._pending.append(chunk[start:])
+                return
+            # Whole lines only: a window holds at least the line it starts with.
+            stop = max(start + _DECODE_WINDOW, newline + 1)
+            results = self._window(chunk, start, stop)
+            start = self._next_start
+            yield results
+
+    def finish(self) -> list[BatchResult]:
+        """The result of the last line when the file did not end with a newline."""
+        if not self._pending or self._bad_line is not None:
+            return []
+        self._pending.append(b"\n")
+        line = b"".join(self._pending)
+        self._pending = []
+        return self._window(line, 0, len(line))
+
+    def raise_for_bad_line(self) -> None:
+        """Raise the error of the bad line met, if any."""
+        if self._bad_line is not None:
+            raise self._bad_line
+
+    def _window(self, data: bytes, start: int, stop: int) -> list[BatchResult]:
+        """The results of the lines of `data` that start at or after `start` and end before
+        `stop`; sets `_next_start` to where the first line not decoded begins."""
+        # Lines are decoded in place through a memoryview (orjson reads any buffer), so the
+        # bytes of the file are never copied into a bytes object per line.
+        view = memoryview(data)
+        find = data.find
+        loads = orjson.loads
+        results: list[BatchResult] = []
+        append = results.append
+        batch_id = self._batch_id
+        end = find(b"\n", start, stop)
+        while True:
+            try:
+                while end >= 0:
+                    append(result_from_row(loads(view[start:end]), batch_id=batch_id))
+                    start = end + 1
+                    end = find(b"\n", start, stop)
+                break
+            except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
+                # Rare: a blank line (skipped, as JSON Lines readers do), or a bad one.
+                if view[start:end].tobytes().strip():
+                    line = self._rows_before + len(results) + self._blank_lines + 1
+                    self._bad_line = self._describe(line, exc)
+                    break
+                self._blank_lines += 1
+                start = end + 1
+                end = find(b"\n", start, stop)
+        self._rows_before += len(results)
+        self._next_start = start
+        return results
+
+    def _describe(self, line: int, exc: ValueError) -> APIResponseValidationError:
+        if isinstance(exc, orjson.JSONDecodeError):
+            problem = f"not valid JSON ({exc.msg})"
+        else:
+            problem = str(exc)
+        return APIResponseValidationError(
+            f"batch {self._batch_id}: file {self._file_id} line {line}: {problem}"
+        )
