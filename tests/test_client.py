@@ -13,6 +13,7 @@ import stamina
 from aiohttp import web
 from aiohttp.test_utils import TestServer, unused_port
 from http_fakes import SECRET_KEY, Recorder, job_json
+from multidict import CIMultiDict, CIMultiDictProxy
 from stamina.instrumentation import RetryDetails, get_on_retry_hooks, set_on_retry_hooks
 
 from together_async import (
@@ -29,6 +30,7 @@ from together_async import (
     RateLimitError,
     TogetherError,
 )
+from together_async._transport import _plain_headers
 
 pytestmark = pytest.mark.usefixtures("fast_retries")
 
@@ -473,3 +475,14 @@ async def test_from_config_spells_out_every_setting(serve: Serve) -> None:
         with pytest.raises(InternalServerError):
             await client.batches.list_batches()
     assert len(recorder.requests) == 4
+
+
+def test_response_headers_are_lower_cased_and_repeats_joined() -> None:
+    """Header names come back lower-case; a repeated header's values are joined with ", "."""
+    raw = CIMultiDict([("Retry-After", "2"), ("Via", "a"), ("X-Request-Id", "r"), ("via", "b")])
+    assert _plain_headers(CIMultiDictProxy(raw)) == {
+        "retry-after": "2",
+        "via": "a, b",
+        "x-request-id": "r",
+    }
+    assert _plain_headers(CIMultiDictProxy(CIMultiDict([("A", "1")]))) == {"a": "1"}

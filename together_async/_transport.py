@@ -60,11 +60,28 @@ def _shown(method: str, url: str) -> str:
 
 
 def _plain_headers(raw: Mapping[str, str]) -> dict[str, str]:
-    headers: dict[str, str] = {}
+    headers = {name.lower(): value for name, value in raw.items()}
+    if len(headers) == len(raw):
+        return headers
+    # A repeated header: its values joined, as RFC 9110 allows for lists.
+    headers = {}
     for name, value in raw.items():
         key = name.lower()
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     return headers
+
+
+#: What aiohttp and the OS raise for a failed exchange (cancellation is not among them).
+_TRANSLATED = (asyncio.TimeoutError, aiohttp.ClientError, OSError)
+
+
+def _translation(exc: BaseException, method: str, url: str) -> APIConnectionError:
+    """Our exception for one of _TRANSLATED; raise it `from exc`."""
+    # TimeoutError first: on 3.11+ it is a subclass of OSError.
+    if isinstance(exc, asyncio.TimeoutError):
+        return APITimeoutError(f"{_shown(method, url)}: timed out")
+    detail = str(exc) or type(exc).__name__
+    return APIConnectionError(f"{_shown(method, url)}: {type(exc).__name__}: {detail}")
 
 
 @contextmanager
@@ -72,12 +89,8 @@ def _translated(method: str, url: str) -> Iterator[None]:
     """Turn aiohttp's and the OS's exceptions into ours; cancellation passes through."""
     try:
         yield
-    # TimeoutError first: on 3.11+ it is a subclass of OSError.
-    except asyncio.TimeoutError as exc:
-        raise APITimeoutError(f"{_shown(method, url)}: timed out") from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        detail = str(exc) or type(exc).__name__
-        raise APIConnectionError(f"{_shown(method, url)}: {type(exc).__name__}: {detail}") from exc
+    except _TRANSLATED as exc:
+        raise _translation(exc, method, url) from exc
 
 
 class StreamingResponse:
@@ -150,11 +163,12 @@ class Transport:
     ) -> Response:
         """Send one request (redirects not followed) and read the whole answer."""
         data = self._prepare(content, form)
-        with _translated(method, url):
+        # Not `with _translated(...)`: a generator context manager per call is measurable.
+        try:
             async with self._session.request(
                 method,
                 url,
-                headers=dict(headers),
+                headers=headers,
                 params=params,
                 data=data,
                 allow_redirects=False,
@@ -167,6 +181,8 @@ class Transport:
                     body=body,
                     url=url,
                 )
+        except _TRANSLATED as exc:
+            raise _translation(exc, method, url) from exc
         if logger.isEnabledFor(logging.DEBUG):  # _shown parses the URL: not for nothing
             logger.debug("%s -> %d (%d bytes)", _shown(method, url), result.status, len(body))
         return result
