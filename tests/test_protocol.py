@@ -4,6 +4,7 @@ presigned-URL safety check. Plain synchronous tests: no event loop, no network."
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from urllib.parse import quote
 
 import pytest
 from hypothesis import example, given
@@ -64,6 +65,13 @@ def test_api_url_quotes_each_segment() -> None:
 def test_api_url_joins_without_double_slash() -> None:
     """A base URL with a trailing slash still gives one slash."""
     assert api_url("https://h/v1/", "batches") == "https://h/v1/batches"
+
+
+@given(segments=st.lists(st.text() | st.from_regex(r"[A-Za-z0-9_.~-]*", fullmatch=True)))
+def test_api_url_quotes_every_segment_like_quote(segments: list[str]) -> None:
+    """Each segment appears exactly as urllib's quote(segment, safe="") gives it."""
+    expected = "/".join(quote(segment, safe="") for segment in segments)
+    assert api_url(HTTPS_API, *segments) == f"{HTTPS_API}/{expected}"
 
 
 @pytest.mark.parametrize("bad", ["", "   ", None, 5, b"id", ".", ".."])

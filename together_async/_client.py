@@ -247,17 +247,17 @@ class AsyncTogether:
     ) -> Response:
         """One attempt: a 2xx or a status in `accept` is returned, anything else raised."""
         transport = self._ensure_transport()
-        extra = dict(headers or {})
+        request_headers = self._headers_for(url, headers)
         body: Content = None
         if json is not None:
             body = orjson.dumps(json)
-            extra.setdefault("Content-Type", "application/json")
+            request_headers.setdefault("Content-Type", "application/json")
         elif content is not None:
             body = content()
         response = await transport.request(
             method,
             url,
-            headers=self._headers_for(url, extra),
+            headers=request_headers,
             params=params,
             content=body,
             form=form() if form is not None else None,

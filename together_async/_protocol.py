@@ -109,9 +109,17 @@ def require_endpoint(value: object) -> str:
     return endpoint
 
 
+# The characters quote() never changes: a segment made of them alone (nearly every id and
+# route name) is used as it is, which saves a quote() call per segment and request.
+_UNRESERVED_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
 def api_url(base_url: str, *segments: str) -> str:
     """`base_url` joined with path segments, each percent-quoted (so an id cannot add a path)."""
-    path = "/".join(quote(segment, safe="") for segment in segments)
+    path = "/".join(
+        segment if _UNRESERVED_SEGMENT.fullmatch(segment) else quote(segment, safe="")
+        for segment in segments
+    )
     return f"{base_url.rstrip('/')}/{path}"
 
 
