@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from together_async import BatchFileError, BatchResult
+from together_async._jsonl import check_batch_file
 from together_async._sharding import InputSharder, ShardAccounting, is_retryable
 from together_async.manifest import decode_positions
 
@@ -119,12 +123,136 @@ def test_duplicates_after_rejected_rows_name_the_right_positions(tmp_path: Path)
     assert caught.value.problem_count == 2
 
 
+def test_duplicates_after_bad_lines_of_a_file_name_the_right_lines(tmp_path: Path) -> None:
+    """A duplicate after a blank or unreadable line is named by its own line number."""
+    row = b'{"custom_id": "a", "body": {"model": "m"}}\n'
+    (tmp_path / "in.jsonl").write_bytes(row + b"{not json\n\n" + row)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(BatchFileError) as caught:
+        shard_file(tmp_path / "out", tmp_path / "in.jsonl")
+    assert [str(problem)[:6] for problem in caught.value.problems] == ["line 2", "line 3", "line 4"]
+    assert "line 4: custom_id: 'a' duplicates line 1" in str(caught.value)
+
+
 def test_a_request_larger_than_a_batch_is_refused(tmp_path: Path) -> None:
     """A single request over max_bytes_per_batch cannot be sharded and is reported."""
     writer = sharder(tmp_path, max_bytes=100)
     writer.add_items([body("x" * 200)])
     with pytest.raises(BatchFileError, match=r"requests\[0\]: the request is .* bytes"):
         writer.finish()
+
+
+def shard_file(directory: Path, source: Path, *, model: str | None = "m", **limits: int) -> str:
+    """Shard the JSONL file `source` into `directory`; the fingerprint (BatchFileError raised)."""
+    writer = InputSharder(
+        directory,
+        endpoint=CHAT,
+        model=model,
+        max_lines=limits.get("max_lines", 50_000),
+        max_bytes=limits.get("max_bytes", 100 * 1024 * 1024),
+        source=str(source),
+        fingerprint_settings={"endpoint": CHAT},
+    )
+    try:
+        with source.open("rb") as file:
+            while writer.add_from_file(file):
+                pass
+        return writer.finish()
+    finally:
+        writer.close()
+
+
+def test_complete_request_lines_are_written_as_they_are(tmp_path: Path) -> None:
+    """A file line that is already a whole request line goes into its shard byte for byte."""
+    lines = [
+        b'{"body": {"model": "own", "messages": []}, "custom_id": "b"}',
+        b'{ "custom_id" : "a" , "body" : { "model" : "x" } , "method" : "POST" }',
+    ]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "out").mkdir()
+    shard_file(tmp_path / "out", tmp_path / "in.jsonl")
+    assert (tmp_path / "out" / "shard-00000.jsonl").read_bytes().splitlines() == lines
+
+
+def test_file_lines_needing_a_change_are_rewritten(tmp_path: Path) -> None:
+    """A line whose body lacks the model, or a bare body, is rebuilt with both filled in."""
+    lines = [b'{"custom_id": "a", "body": {"messages": []}}', b'{"messages": []}']
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines))
+    (tmp_path / "out").mkdir()
+    shard_file(tmp_path / "out", tmp_path / "in.jsonl")
+    assert (tmp_path / "out" / "shard-00000.jsonl").read_bytes().splitlines() == [
+        b'{"custom_id":"a","body":{"model":"m","messages":[]}}',
+        b'{"custom_id":"request-1","body":{"model":"m","messages":[]}}',
+    ]
+
+
+@pytest.mark.parametrize("key", ["method", "url"])
+def test_a_method_or_url_of_null_is_refused(tmp_path: Path, key: str) -> None:
+    """A request row with "method" or "url" set to None is refused, as the validator does."""
+    writer = sharder(tmp_path)
+    writer.add_items([{"custom_id": "a", "body": body("x"), key: None}])
+    with pytest.raises(BatchFileError, match=rf"requests\[0\]\.{key}"):
+        writer.finish()
+
+
+_MISSING = object()
+_ids = st.one_of(
+    st.sampled_from(["a", "b", "c", "é", "x" * 64]),
+    st.text(max_size=70),
+    st.sampled_from(["", "x" * 65, None, 7, ["a"]]),
+    st.just(_MISSING),
+)
+_bodies = st.one_of(
+    st.dictionaries(st.sampled_from(["model", "messages", "max_tokens"]), st.integers(0, 9)),
+    st.sampled_from(["text", None, [1], 3]),
+    st.just(_MISSING),
+)
+_methods = st.sampled_from([_MISSING, _MISSING, "POST", "FILE", "GET", None, 1])
+_urls = st.sampled_from([_MISSING, _MISSING, CHAT, "/v1/embeddings", None])
+
+
+@st.composite
+def request_lines(draw: st.DrawFn) -> bytes:
+    """One input line: a request line, most fields possibly missing or wrong, any key order,
+    compact or spaced."""
+    fields = {
+        "custom_id": draw(_ids),
+        "body": draw(_bodies),
+        "method": draw(_methods),
+        "url": draw(_urls),
+    }
+    present = [(key, value) for key, value in fields.items() if value is not _MISSING]
+    ordered = draw(st.permutations(present))
+    line = orjson.dumps(dict(ordered))
+    if draw(st.booleans()):
+        line = line.replace(b'":', b'" : ').replace(b',"', b', "')
+    return line
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(request_lines(), min_size=1, max_size=12))
+def test_the_sharder_accepts_what_the_validator_accepts(tmp_path: Path, lines: list[bytes]) -> None:
+    """Lines that all carry a custom_id and a body are accepted by the sharder exactly when the
+    batch-file validator accepts them, and every shard it writes passes the validator."""
+    directory = Path(tempfile.mkdtemp(dir=tmp_path))
+    source = directory / "in.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    # The sharder is more lenient on purpose with the others: it names a row with no
+    # custom_id (or a null one) after its position and wraps a bare body.
+    rows = [orjson.loads(line) for line in lines]
+    complete = all(row.get("custom_id") is not None and "body" in row for row in rows)
+    validator_ok = check_batch_file(source, endpoint=CHAT).ok
+    (directory / "out").mkdir()
+    try:
+        shard_file(directory / "out", source, model=None, max_lines=5)
+    except BatchFileError:
+        assert not validator_ok or not complete
+        return
+    assert validator_ok or not complete
+    for shard in sorted((directory / "out").glob("shard-*.jsonl")):
+        assert check_batch_file(shard, endpoint=CHAT, max_lines=5).ok
 
 
 def write_shard(path: Path, ids: list[str]) -> None:

@@ -26,7 +26,6 @@ from ._jsonl import (
     CHUNK_SIZE,
     MAX_CUSTOM_ID_CHARS,
     BatchFileProblem,
-    BatchFileValidator,
     LineSplitter,
 )
 from ._models import BatchJobStatus, BatchRequest, BatchResult
@@ -135,8 +134,14 @@ class InputSharder:
     Rows are full request lines (`{"custom_id"?, "body", "method"?, "url"?}`, or a BatchRequest)
     or bare bodies (any other mapping), which get wrapped. A missing custom_id becomes
     `request-<position>`; `model` fills bodies with no "model". Each shard holds at most
-    `max_lines` lines and `max_bytes` bytes. Every written shard is also fed to the batch-file
-    validator, so a shard that gets uploaded already passed the server's rules.
+    `max_lines` lines and `max_bytes` bytes. Every row is held to the batch-file validator's
+    rules (`_jsonl.BatchFileValidator`: custom_id, body, method, url, limits, unique ids), so
+    a shard that gets uploaded already passes them (tests/test_sharding.py checks the two
+    agree on arbitrary rows).
+
+    A line of an input file that is already a complete request line (a custom_id, an object
+    body that needs no model filled in, nothing to change) is written as it is: decoded once
+    to be checked, never encoded again. Any other row is rebuilt and encoded with orjson.
 
     Problems are collected (the first MAX_PROBLEMS kept, all counted) rather than raised, so a
     single pass reports everything; `finish()` raises BatchFileError if there were any.
@@ -192,8 +197,6 @@ class InputSharder:
         self._shard_lines = 0
         self._shard_bytes = 0
         self._shard_first = 0
-        self._shard_positions: list[int] = []
-        self._validator: BatchFileValidator | None = None
         # Input files: lines are split here, one chunk at a time.
         self._splitter = LineSplitter()
 
@@ -217,34 +220,108 @@ class InputSharder:
         if not chunk:
             last = self._splitter.flush()
             if last is not None:
-                self._add_line(last)
+                self._add_lines([last])
             return False
-        for line in self._splitter.feed(chunk):
-            self._add_line(line)
+        self._add_lines(self._splitter.feed(chunk))
         return True
 
-    def _add_line(self, line: bytes) -> None:
-        position = self.rows
-        self.rows += 1
+    def _add_lines(self, lines: list[bytes]) -> None:
+        # The hot loop of a large input: most lines are complete request lines, taken as they
+        # are in runs (see _take_run); the per-row work is a decode and a few checks, with
+        # everything it uses bound to locals. Any other line goes to _add_line.
+        loads = orjson.loads
+        decode_error = orjson.JSONDecodeError
+        model = self._model
+        endpoint = self._endpoint
+        first = self.rows
+        self.rows = first + len(lines)
+        run_lines: list[bytes] = []
+        run_ids: list[str] = []
+        run_first = first
+        for position, line in enumerate(lines, first):
+            # A line from "{" to "}" has no BOM, CR or padding to strip. A repeated key is
+            # read as its last value here, as by the validator, the emulator and the common
+            # JSON parsers (Python's, Go's), so the line can go as it is.
+            if line[:1] == b"{" and line[-1:] == b"}":
+                try:
+                    request = loads(line)
+                except decode_error:
+                    request = None
+                if request is not None:
+                    custom_id = request.get("custom_id")
+                    body = request.get("body")
+                    if (
+                        type(custom_id) is str
+                        and 0 < len(custom_id) <= MAX_CUSTOM_ID_CHARS
+                        and type(body) is dict
+                        and (model is None or "model" in body)
+                        and ("method" not in request or request["method"] in ALLOWED_METHODS)
+                        and ("url" not in request or request["url"] == endpoint)
+                    ):
+                        run_lines.append(line)
+                        run_ids.append(custom_id)
+                        continue
+            if run_lines:
+                self._take_run(run_lines, run_ids, run_first)
+                run_lines = []
+                run_ids = []
+            self._add_line(line, position)
+            run_first = position + 1
+        if run_lines:
+            self._take_run(run_lines, run_ids, run_first)
+
+    def _add_line(self, line: bytes, position: int) -> None:
+        """A line the fast path of _add_lines did not take: checked and rebuilt."""
         if position == 0 and line.startswith(_BOM):
             line = line[len(_BOM) :]
         if line.endswith(b"\r"):
             line = line[:-1]
         if not line or line.isspace():
             self._problem(position, None, "blank line; remove blank lines, one request per line")
+            self._rejected.append(position)
             return
         try:
             item = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
             self._problem(position, None, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            self._rejected.append(position)
             return
         self._add(item, position)
 
     def _add(self, item: Any, position: int) -> None:
-        line = self._normalise(item, position)
-        if line is None:
+        normalised = self._normalise(item, position)
+        if normalised is None:
             self._rejected.append(position)
             return
+        self._take(*normalised, position)
+
+    def _take_run(self, lines: list[bytes], custom_ids: list[str], first: int) -> None:
+        """_take for rows at positions first, first+1, ...: in bulk when they all fit in the
+        open shard and no id among them was seen before (nearly always), else one by one."""
+        count = len(lines)
+        size = sum(map(len, lines)) + count
+        keys = set(map(hash, custom_ids))
+        seen = self._seen_hashes
+        if (
+            self._file is None
+            or self._shard_lines + count > self._max_lines
+            or self._shard_bytes + size > self._max_bytes
+            or len(keys) < count
+            or not seen.isdisjoint(keys)
+        ):
+            for offset, (line, custom_id) in enumerate(zip(lines, custom_ids, strict=True)):
+                self._take(line, custom_id, first + offset)
+            return
+        seen.update(keys)
+        self._buffer.extend(lines)
+        self._buffered += size
+        self._shard_lines += count
+        self._shard_bytes += size
+        if self._buffered >= _WRITE_BUFFER:
+            self._flush()
+
+    def _take(self, line: bytes, custom_id: str, position: int) -> None:
+        """Write a checked request line into the current shard (opening the next as needed)."""
         size = len(line) + 1
         if size > self._max_bytes:
             self._problem(
@@ -261,16 +338,21 @@ class InputSharder:
             self._close_shard()
         if self._file is None:
             self._open_shard(position)
+        key = hash(custom_id)
+        if key in self._seen_hashes:
+            self._suspect_hashes.add(key)
+        else:
+            self._seen_hashes.add(key)
         self._buffer.append(line)
         self._buffered += size
         self._shard_lines += 1
         self._shard_bytes += size
-        self._shard_positions.append(position)
         if self._buffered >= _WRITE_BUFFER:
             self._flush()
 
-    def _normalise(self, item: Any, position: int) -> bytes | None:
-        """The request line of one row (without newline), or None after recording a problem."""
+    def _normalise(self, item: Any, position: int) -> tuple[bytes, str] | None:
+        """The request line of one row (without newline) and its custom_id, or None after
+        recording a problem."""
         # `type(...) is dict` first: the ABC check of isinstance(..., Mapping) is slow per row.
         is_dict = type(item) is dict
         if not is_dict and isinstance(item, BatchRequest):
@@ -320,12 +402,13 @@ class InputSharder:
             body = {"model": self._model, **body}
         elif not isinstance(body, dict):
             body = dict(body)
-        method = request.get("method")
-        if method is not None and method not in ALLOWED_METHODS:
+        # Present means checked, as the validator does: a method or url of None is refused.
+        if "method" in request and request["method"] not in ALLOWED_METHODS:
+            method = request["method"]
             self._problem(position, "method", f'must be "POST" or "FILE", got {method!r}')
             return None
-        url = request.get("url")
-        if url is not None and url != self._endpoint:
+        if "url" in request and request["url"] != self._endpoint:
+            url = request["url"]
             self._problem(position, "url", f"{url!r} is not the batch endpoint {self._endpoint!r}")
             return None
         request.pop("custom_id", None)
@@ -340,12 +423,7 @@ class InputSharder:
         if b"null" in line and _has_non_finite_float(body):
             self._problem(position, "body", "holds NaN or Infinity, which JSON cannot represent")
             return None
-        key = hash(custom_id)
-        if key in self._seen_hashes:
-            self._suspect_hashes.add(key)
-        else:
-            self._seen_hashes.add(key)
-        return line
+        return line, custom_id
 
     # --- shard files ------------------------------------------------------------------
 
@@ -356,18 +434,11 @@ class InputSharder:
         self._shard_lines = 0
         self._shard_bytes = 0
         self._shard_first = position
-        self._shard_positions = []
-        self._validator = BatchFileValidator(
-            endpoint=self._endpoint,
-            max_lines=self._max_lines,
-            max_bytes=self._max_bytes,
-            max_problems=MAX_PROBLEMS,
-        )
 
     def _flush(self) -> None:
         if not self._buffer:
             return
-        assert self._file is not None and self._validator is not None
+        assert self._file is not None
         self._buffer.append(b"")
         data = b"\n".join(self._buffer)
         self._buffer = []
@@ -375,21 +446,12 @@ class InputSharder:
         self._file.write(data)
         self._shard_hash.update(data)
         self._fingerprint.update(data)
-        self._validator.feed(data)
 
     def _close_shard(self) -> None:
         self._flush()
-        assert self._file is not None and self._validator is not None
+        assert self._file is not None
         self._file.close()
         self._file = None
-        report = self._validator.finish()
-        for problem in report.problems:
-            # Validator lines count within the shard; name the input position instead.
-            position = (
-                self._shard_positions[problem.line - 1] if problem.line is not None else None
-            )
-            self._problem(position, problem.field, problem.message, counted=False)
-        self._problem_count += report.problem_count
         self.shards.append(
             WrittenShard(
                 name=f"shard-{len(self.shards):05d}.jsonl",
@@ -399,7 +461,6 @@ class InputSharder:
                 first_position=self._shard_first,
             )
         )
-        self._shard_positions = []
 
     def close(self) -> None:
         """Close a shard file left open (after an error); safe to call twice."""
@@ -452,11 +513,8 @@ class InputSharder:
                             "custom_ids must be unique",
                         )
 
-    def _problem(
-        self, position: int | None, field: str | None, message: str, *, counted: bool = True
-    ) -> None:
-        if counted:
-            self._problem_count += 1
+    def _problem(self, position: int | None, field: str | None, message: str) -> None:
+        self._problem_count += 1
         if len(self._problems) >= MAX_PROBLEMS:
             return
         if self._source is not None:
