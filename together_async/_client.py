@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -287,19 +288,17 @@ class AsyncTogether:
         accept: frozenset[int] = frozenset(),
     ) -> Response:
         """`_send_once` under the retry policy."""
-
-        async def attempt() -> Response:
-            return await self._send_once(
-                method,
-                url,
-                params=params,
-                json=json,
-                content=content,
-                form=form,
-                headers=headers,
-                accept=accept,
-            )
-
+        attempt = functools.partial(
+            self._send_once,
+            method,
+            url,
+            params=params,
+            json=json,
+            content=content,
+            form=form,
+            headers=headers,
+            accept=accept,
+        )
         return await self._with_retries(attempt, max_retries=max_retries)
 
     async def _send_json(
@@ -313,7 +312,9 @@ class AsyncTogether:
         json: Any = None,
     ) -> Any:
         """A retried request whose success body is JSON; returns it decoded."""
-        response = await self._send(method, url, max_retries=max_retries, params=params, json=json)
+        # Straight to _with_retries rather than through _send: this is every API call's path.
+        attempt = functools.partial(self._send_once, method, url, params=params, json=json)
+        response = await self._with_retries(attempt, max_retries=max_retries)
         return decode_json(response.body, what=what)
 
     @asynccontextmanager
