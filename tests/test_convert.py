@@ -390,8 +390,8 @@ _wire_values = (
 )
 
 
-_TYPED_VALUES: dict[Callable[[object], object], st.SearchStrategy[object]] = {
-    _convert._fast_str: st.text(max_size=8),
+_TYPED_VALUES: dict[Callable[[object], object] | None, st.SearchStrategy[object]] = {
+    None: st.text(max_size=8),  # a str field
     _convert._fast_int: st.integers() | st.integers(min_value=-(2**70), max_value=2**70),
     _convert._fast_float: st.floats() | st.integers(min_value=-(2**60), max_value=2**60),
     _convert._fast_bool: st.booleans(),

@@ -56,17 +56,21 @@ def parse_timestamp(value: Any) -> datetime | None:
     if isinstance(value, (int, float)):
         return datetime.fromtimestamp(value, tz=timezone.utc)
     if isinstance(value, str):
-        text = value.strip()
-        if text.endswith(("Z", "z")):
-            text = text[:-1] + "+00:00"
-        try:
-            parsed = datetime.fromisoformat(text)
-        except ValueError:
-            # Only Python 3.10 needs a fraction of more than 6 digits cut; cutting it up
-            # front cost every timestamp a regex pass.
-            parsed = datetime.fromisoformat(_FRACTION.sub(r"\1", text))
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        return _parse_iso(value)
     raise ValueError(f"not a timestamp: {value!r}")
+
+
+def _parse_iso(value: str) -> datetime:
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        # Only Python 3.10 needs a fraction of more than 6 digits cut; cutting it up front
+        # cost every timestamp a regex pass.
+        parsed = datetime.fromisoformat(_FRACTION.sub(r"\1", text))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def _structure_datetime(value: Any, _: Any) -> datetime | None:
@@ -107,10 +111,6 @@ _UNUSABLE: Any = object()  # a value the fast path leaves to cattrs
 # JSON type, else _UNUSABLE.
 
 
-def _fast_str(item: Any) -> Any:
-    return item if type(item) is str else _UNUSABLE
-
-
 def _fast_int(item: Any) -> Any:
     return item if type(item) is int else _UNUSABLE  # a bool is not an int here
 
@@ -133,7 +133,14 @@ def _fast_bool(item: Any) -> Any:
 
 def _fast_time(item: Any) -> Any:
     item_type = type(item)
-    if item_type is str or item_type is int or item_type is float:
+    if item_type is str:
+        if not item:
+            return None
+        try:
+            return _parse_iso(item)
+        except ValueError:
+            return _UNUSABLE
+    if item_type is int or item_type is float:
         try:
             return parse_timestamp(item)
         except (ValueError, OverflowError, OSError):
@@ -167,8 +174,8 @@ def _fast_json_object(item: Any) -> Any:
     return _UNUSABLE
 
 
-_FAST_BY_TYPE: dict[Any, Callable[[Any], Any]] = {
-    str: _fast_str,
+_FAST_BY_TYPE: dict[Any, Callable[[Any], Any] | None] = {
+    str: None,  # most fields: checked inline, which saves a call per field
     int: _fast_int,
     float: _fast_float,
     bool: _fast_bool,
@@ -180,7 +187,8 @@ _FAST_BY_TYPE: dict[Any, Callable[[Any], Any]] = {
     dict[str, Any]: _fast_json_object,
 }
 
-_FieldTable = dict[str, tuple[str, Callable[[Any], Any]]]
+#: Wire key -> (field name, fast function, or None for a str field).
+_FieldTable = dict[str, tuple[str, Callable[[Any], Any] | None]]
 
 
 def _field_table(cls: type[Any], aliases: dict[str, str]) -> _FieldTable:
@@ -214,18 +222,23 @@ def _fast_fields(value: Any, table: _FieldTable) -> dict[str, Any] | None:
     if type(identifier) is not str:
         return None
     fields: dict[str, Any] = {"id": identifier}
+    # A capitalised key and its snake_case form: the later one wins, as with cattrs.
     for key, item in value.items():
         entry = table.get(key)
         if entry is None:
             continue  # "id", or a key this version does not know
+        name, fast = entry
         if item is None:
-            fields[entry[0]] = None
-            continue
-        converted = entry[1](item)
-        if converted is _UNUSABLE:
-            return None
-        # A capitalised key and its snake_case form: the later one wins, as with cattrs.
-        fields[entry[0]] = converted
+            fields[name] = None
+        elif fast is None:
+            if type(item) is not str:
+                return None
+            fields[name] = item
+        else:
+            item = fast(item)
+            if item is _UNUSABLE:
+                return None
+            fields[name] = item
     return fields
 
 
