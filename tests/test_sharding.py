@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from together_async import BatchFileError, BatchResult
 from together_async._jsonl import check_batch_file
-from together_async._sharding import InputSharder, ShardAccounting, is_retryable
+from together_async._sharding import InputSharder, ShardAccounting, ids_path, is_retryable
 from together_async.manifest import decode_positions
 
 CHAT = "/v1/chat/completions"
@@ -287,6 +287,69 @@ def test_accounting_settles_every_row_once(tmp_path: Path) -> None:
     assert follow_up is not None and follow_up.positions is not None
     assert list(decode_positions(follow_up.positions)) == [11, 12]
     assert [line["custom_id"] for line in read_lines(tmp_path / "retry.jsonl")] == ["b", "c"]
+
+
+def accounting_of(input_path: Path, positions: list[int], sha256: str | None) -> ShardAccounting:
+    return ShardAccounting(
+        input_path,
+        positions,
+        input_sha256=sha256,
+        batch_id="batch-1",
+        job_status="COMPLETED",
+        job_error=None,
+        retry_allowed=True,
+    )
+
+
+def written_shard(directory: Path, ids: list[str]) -> tuple[Path, str]:
+    """Shard rows with these custom_ids through InputSharder: (the shard file, its sha256)."""
+    writer = sharder(directory)
+    writer.add_items([{"custom_id": i, "body": body(i)} for i in ids])
+    writer.finish()
+    [shard] = writer.shards
+    return directory / shard.name, shard.sha256
+
+
+def test_accounting_takes_the_custom_ids_kept_beside_the_shard(tmp_path: Path) -> None:
+    """The sharder keeps each shard's custom_ids beside it; settling uses them, not the file."""
+    path, sha256 = written_shard(tmp_path, ["a", "b"])
+    assert ids_path(path).is_file()
+    path.write_bytes(b"not read\n")  # proves the requests are not decoded again
+    accounting = accounting_of(path, [0, 1], sha256)
+    assert [result.custom_id for _, result in accounting.finish()] == []
+    assert accounting.resubmit_count == 2
+
+
+@pytest.mark.parametrize("damage", ["missing", "stale", "torn"])
+def test_accounting_rebuilds_custom_ids_it_cannot_trust(tmp_path: Path, damage: str) -> None:
+    """A missing, stale (another shard's hash) or torn ids file is rebuilt from the shard."""
+    path, sha256 = written_shard(tmp_path, ["a", "b"])
+    if damage == "missing":
+        ids_path(path).unlink()
+    elif damage == "stale":
+        ids_path(path).write_bytes(orjson.dumps({"sha256": "0" * 64, "custom_ids": ["x", "y"]}))
+    else:
+        ids_path(path).write_bytes(ids_path(path).read_bytes()[:-5])
+    (tmp_path / "out.jsonl").write_bytes(output_line("b", 200) + output_line("a", 200))
+    accounting = accounting_of(path, [7, 8], sha256)
+    final = [item for chunk in accounting.read(tmp_path / "out.jsonl") for item in chunk]
+    assert [(position, result.custom_id) for position, result in final] == [(8, "b"), (7, "a")]
+
+
+def test_a_follow_up_shard_keeps_its_custom_ids_too(tmp_path: Path) -> None:
+    """write_follow_up writes the resubmitted rows' custom_ids beside the follow-up file."""
+    path, sha256 = written_shard(tmp_path, ["a", "b", "c"])
+    (tmp_path / "out.jsonl").write_bytes(output_line("b", 200))
+    accounting = accounting_of(path, [0, 1, 2], sha256)
+    for _ in accounting.read(tmp_path / "out.jsonl"):
+        pass
+    accounting.finish()
+    follow_up = accounting.write_follow_up(tmp_path / "retry.jsonl", attempt=2)
+    assert follow_up is not None
+    (tmp_path / "retry.jsonl").write_bytes(b"not read\n")
+    again = accounting_of(tmp_path / "retry.jsonl", [0, 2], follow_up.input_sha256)
+    assert again.resubmit_count == 0 and len(again.finish()) == 0
+    assert again.resubmit_count == 2
 
 
 def test_without_attempts_left_missing_rows_get_the_job_status(tmp_path: Path) -> None:

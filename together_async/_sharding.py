@@ -37,6 +37,7 @@ __all__ = [
     "ShardAccounting",
     "WrittenShard",
     "generated_custom_id",
+    "ids_path",
     "is_retryable",
 ]
 
@@ -94,6 +95,38 @@ def _has_non_finite_float(value: Any) -> bool:
 def generated_custom_id(position: int) -> str:
     """The custom_id given to the request at `position` (0-based) when it has none."""
     return f"request-{position}"
+
+
+def ids_path(input_path: Path) -> Path:
+    """Where the custom_ids of a shard input file are kept: beside it, as `<name>.ids`.
+
+    Written with the shard (by InputSharder and write_follow_up) so that settling the shard
+    needs no second pass over its requests; a missing or stale one is rebuilt from the shard.
+    """
+    return input_path.with_name(input_path.name + ".ids")
+
+
+def _write_ids(input_path: Path, sha256: str, custom_ids: list[str]) -> None:
+    # No fsync: a torn or stale file fails the checks in _read_ids and is rebuilt.
+    data = orjson.dumps({"sha256": sha256, "custom_ids": custom_ids})
+    with open(ids_path(input_path), "wb") as file:
+        file.write(data)
+
+
+def _read_ids(input_path: Path, sha256: str) -> list[str] | None:
+    """The custom_ids written beside `input_path` for the shard whose hash is `sha256`, or
+    None when there is no such file or it belongs to other bytes."""
+    try:
+        with open(ids_path(input_path), "rb") as file:
+            stored = orjson.loads(file.read())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if type(stored) is not dict or stored.get("sha256") != sha256:
+        return None
+    custom_ids = stored.get("custom_ids")
+    if type(custom_ids) is not list or not all(type(item) is str for item in custom_ids):
+        return None
+    return custom_ids
 
 
 def is_retryable(result: BatchResult) -> bool:
@@ -197,6 +230,7 @@ class InputSharder:
         self._shard_lines = 0
         self._shard_bytes = 0
         self._shard_first = 0
+        self._shard_ids: list[str] = []
         # Input files: lines are split here, one chunk at a time.
         self._splitter = LineSplitter()
 
@@ -313,6 +347,7 @@ class InputSharder:
                 self._take(line, custom_id, first + offset)
             return
         seen.update(keys)
+        self._shard_ids.extend(custom_ids)
         self._buffer.extend(lines)
         self._buffered += size
         self._shard_lines += count
@@ -343,6 +378,7 @@ class InputSharder:
             self._suspect_hashes.add(key)
         else:
             self._seen_hashes.add(key)
+        self._shard_ids.append(custom_id)
         self._buffer.append(line)
         self._buffered += size
         self._shard_lines += 1
@@ -434,6 +470,7 @@ class InputSharder:
         self._shard_lines = 0
         self._shard_bytes = 0
         self._shard_first = position
+        self._shard_ids = []
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -452,15 +489,15 @@ class InputSharder:
         assert self._file is not None
         self._file.close()
         self._file = None
-        self.shards.append(
-            WrittenShard(
-                name=f"shard-{len(self.shards):05d}.jsonl",
-                sha256=self._shard_hash.hexdigest(),
-                lines=self._shard_lines,
-                bytes=self._shard_bytes,
-                first_position=self._shard_first,
-            )
+        shard = WrittenShard(
+            name=f"shard-{len(self.shards):05d}.jsonl",
+            sha256=self._shard_hash.hexdigest(),
+            lines=self._shard_lines,
+            bytes=self._shard_bytes,
+            first_position=self._shard_first,
         )
+        _write_ids(self._directory / shard.name, shard.sha256, self._shard_ids)
+        self.shards.append(shard)
 
     def close(self) -> None:
         """Close a shard file left open (after an error); safe to call twice."""
@@ -536,12 +573,14 @@ class InputSharder:
 class ShardAccounting:
     """Turns one finished shard back into exactly one outcome per row.
 
-    Reads the shard's input file for its custom_ids, then the job's output and error files
-    (either may be missing) one chunk at a time; `read()` yields the rows that are final, as
-    `(input position, BatchResult)`. A row is resubmitted instead when it failed retryably
-    (408, 429, 5xx, timeouts), or has no result because the job EXPIRED, was CANCELLED or lost
-    it, and `retry_allowed` is true. `finish()` settles the rows with no result (a final error
-    naming the job's status) and `write_follow_up()` writes the rows to resubmit.
+    Takes the shard's custom_ids from the file written beside it (`ids_path`; rebuilt from
+    the shard's input file when missing or stale, as after a crash), then reads the job's
+    output and error files (either may be missing) one chunk at a time; `read()` yields the
+    rows that are final, as `(input position, BatchResult)`. A row is resubmitted instead when
+    it failed retryably (408, 429, 5xx, timeouts), or has no result because the job EXPIRED,
+    was CANCELLED or lost it, and `retry_allowed` is true. `finish()` settles the rows with no
+    result (a final error naming the job's status) and `write_follow_up()` writes the rows to
+    resubmit.
 
     Memory: the shard's custom_ids and one chunk of results; never a whole results file.
     """
@@ -551,6 +590,7 @@ class ShardAccounting:
         input_path: Path,
         positions: Sequence[int],
         *,
+        input_sha256: str | None = None,
         batch_id: str | None,
         job_status: str | None,
         job_error: str | None,
@@ -559,6 +599,8 @@ class ShardAccounting:
         """Args:
         input_path: the shard's input file.
         positions: the input position of each of its lines.
+        input_sha256: the input file's sha256, to check the custom_ids kept beside it
+            against; None to read them from the input file itself.
         batch_id: the job, put in every BatchResult.
         job_status: the job's terminal status.
         job_error: the job's error message, if any.
@@ -570,10 +612,11 @@ class ShardAccounting:
         self._status = str(BatchJobStatus(job_status)) if job_status else "UNKNOWN"
         self._job_error = job_error
         self._retry_allowed = retry_allowed
-        self._index: dict[str, int] = {}
-        with open(input_path, "rb") as file:
-            for index, line in enumerate(file):
-                self._index[orjson.loads(line)["custom_id"]] = index
+        custom_ids = None if input_sha256 is None else _read_ids(input_path, input_sha256)
+        if custom_ids is None:
+            with open(input_path, "rb") as file:
+                custom_ids = [orjson.loads(line)["custom_id"] for line in file]
+        self._index = {custom_id: index for index, custom_id in enumerate(custom_ids)}
         if len(self._index) != len(positions):
             raise RuntimeError(
                 f"{input_path} holds {len(self._index)} requests, the state says "
@@ -677,6 +720,8 @@ class ShardAccounting:
         if not self.resubmit_count:
             return None
         positions: list[int] = []
+        resubmitted_ids: list[str] = []
+        custom_ids = list(self._index)  # dicts keep insertion (= line) order
         hasher = hashlib.sha256()
         size = 0
         temporary = path.with_name(path.name + ".partial")
@@ -690,10 +735,14 @@ class ShardAccounting:
                 hasher.update(line)
                 size += len(line)
                 positions.append(self._positions[index])
+                resubmitted_ids.append(custom_ids[index])
+        sha256 = hasher.hexdigest()
+        # The ids first: a follow-up file that exists always has them beside it.
+        _write_ids(path, sha256, resubmitted_ids)
         os.replace(temporary, path)
         return NewShard(
             input_name=path.name,
-            input_sha256=hasher.hexdigest(),
+            input_sha256=sha256,
             lines=len(positions),
             bytes=size,
             attempt=attempt,

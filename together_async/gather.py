@@ -57,7 +57,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from ._errors import InvalidArgumentError, ManifestMismatchError, NotFoundError
 from ._models import BatchEndpoint, BatchJob, BatchResult
 from ._protocol import require_endpoint
-from ._sharding import InputSharder, ShardAccounting, WrittenShard
+from ._sharding import InputSharder, ShardAccounting, WrittenShard, ids_path
 from .manifest import Manifest, ShardRecord, ShardStep
 from .watch import BatchWatcher, JobObserver, PollSchedule
 
@@ -514,6 +514,7 @@ class _Workspace:
     def _move_in(self, written: list[WrittenShard]) -> None:
         for shard in written:
             os.replace(self.scratch / shard.name, self.inputs / shard.name)
+            os.replace(ids_path(self.scratch / shard.name), ids_path(self.inputs / shard.name))
 
     async def aclose(self) -> None:
         try:
@@ -770,6 +771,7 @@ class _Pipeline:
                 lambda: ShardAccounting(
                     workspace.inputs / shard.input_name,
                     shard.input_positions(),
+                    input_sha256=shard.input_sha256,
                     batch_id=shard.batch_id,
                     job_status=shard.job_status,
                     job_error=shard.job_error,
@@ -862,6 +864,7 @@ class _Pipeline:
     def _remove_local_files(self, shard: ShardRecord) -> None:
         workspace = self._workspace
         (workspace.inputs / shard.input_name).unlink(missing_ok=True)
+        ids_path(workspace.inputs / shard.input_name).unlink(missing_ok=True)
         for name in (shard.output_name, shard.error_name):
             if name is not None:
                 (workspace.results / name).unlink(missing_ok=True)
