@@ -12,8 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from together_async import BatchFileError, BatchResult
+from together_async._convert import usage_of_row
 from together_async._jsonl import check_batch_file
-from together_async._sharding import InputSharder, ShardAccounting, ids_path, is_retryable
+from together_async._sharding import (
+    InputSharder,
+    ShardAccounting,
+    _add_usage,
+    ids_path,
+    is_retryable,
+)
 from together_async.manifest import decode_positions
 
 CHAT = "/v1/chat/completions"
@@ -367,6 +374,47 @@ def test_without_attempts_left_missing_rows_get_the_job_status(tmp_path: Path) -
     assert (position, result.error_code) == (0, "batch_cancelled")
     assert "batch-1 ended CANCELLED" in (result.error_message or "")
     assert accounting.write_follow_up(tmp_path / "retry.jsonl", attempt=2) is None
+
+
+_usage_values = st.one_of(st.integers(-5, 10**12), st.booleans(), st.none(), st.text(max_size=3))
+_usage_rows = st.fixed_dictionaries(
+    {"custom_id": st.just("a")},
+    optional={
+        "response": st.one_of(
+            st.none(),
+            st.fixed_dictionaries(
+                {"status_code": st.just(200)},
+                optional={
+                    "body": st.one_of(
+                        st.lists(st.integers(), max_size=2),
+                        st.fixed_dictionaries(
+                            {},
+                            optional={
+                                "usage": st.one_of(
+                                    st.dictionaries(st.text(max_size=3), _usage_values),
+                                    st.integers(),
+                                )
+                            },
+                        ),
+                    )
+                },
+            ),
+        )
+    },
+)
+
+
+@given(st.lists(_usage_rows, max_size=6))
+def test_summed_usage_equals_the_sum_of_usage_of_row(rows: list[dict[str, Any]]) -> None:
+    """Usage added up while settling equals usage_of_row summed over the same rows."""
+    expected: dict[str, int] = {}
+    for row in rows:
+        for key, value in usage_of_row(row).items():
+            expected[key] = expected.get(key, 0) + value
+    totals: dict[str, int] = {}
+    for row in rows:
+        _add_usage(totals, row)
+    assert totals == expected
 
 
 @pytest.mark.parametrize(
