@@ -262,6 +262,11 @@ def _structure_file(value: Any, _: Any) -> FileObject:
 
 converter.register_structure_hook(BatchJob, _structure_job)
 converter.register_structure_hook(FileObject, _structure_file)
+# structure() calls these directly: cattrs' dispatch costs as much as a third of a fast hook.
+_FAST_HOOKS: dict[Any, Callable[[Any, Any], Any]] = {
+    BatchJob: _structure_job,
+    FileObject: _structure_file,
+}
 converter.register_unstructure_hook(
     BatchRequest,
     make_dict_unstructure_fn(
@@ -276,6 +281,9 @@ converter.register_unstructure_hook(
 def structure(value: Any, cls: type[T]) -> T:
     """Turn decoded wire JSON into a model, or raise APIResponseValidationError saying where."""
     try:
+        hook = _FAST_HOOKS.get(cls)
+        if hook is not None:
+            return hook(value, cls)  # type: ignore[no-any-return]
         return converter.structure(value, cls)
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
         if isinstance(exc, cattrs.BaseValidationError):
