@@ -489,6 +489,14 @@ def test_job_with_every_field_well_typed_parses() -> None:
     assert job.cancelled_at == datetime(2024, 1, 15, 14, 30, 0, 500000, tzinfo=timezone.utc)
 
 
+def test_parsed_job_is_immutable() -> None:
+    """A BatchJob cannot be changed after parsing (frozen, though not slotted)."""
+    job = structure(REAL_JOB, BatchJob)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        job.status = BatchJobStatus.FAILED  # type: ignore[misc]
+    assert attrs.evolve(job, progress=1.0).progress == 1.0 and job.progress == 75.0
+
+
 def test_job_with_a_null_id_is_kept_as_cattrs_did() -> None:
     """A null id is turned into the string "None", as cattrs always did (not raised on)."""
     assert structure({"id": None}, BatchJob).id == "None"
