@@ -116,10 +116,10 @@ _UNRESERVED_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]*")
 
 def api_url(base_url: str, *segments: str) -> str:
     """`base_url` joined with path segments, each percent-quoted (so an id cannot add a path)."""
-    path = "/".join(
-        segment if _UNRESERVED_SEGMENT.fullmatch(segment) else quote(segment, safe="")
-        for segment in segments
-    )
+    if all(map(_UNRESERVED_SEGMENT.fullmatch, segments)):
+        path = "/".join(segments)
+    else:
+        path = "/".join(quote(segment, safe="") for segment in segments)
     return f"{base_url.rstrip('/')}/{path}"
 
 
