@@ -6,6 +6,7 @@ translated here into APIConnectionError / APITimeoutError, so none escapes the p
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -39,9 +40,15 @@ class Response:
     """A complete answer: status, headers (lower-case names) and the body bytes."""
 
     status: int
-    headers: Mapping[str, str]
     body: bytes
     url: str
+    _raw_headers: Mapping[str, str] = attrs.field(alias="raw_headers", repr=False)
+
+    @functools.cached_property
+    def headers(self) -> Mapping[str, str]:
+        """The headers with lower-case names, repeated ones joined; built on first use, as a
+        successful JSON answer (most of them) is read without a look at its headers."""
+        return _plain_headers(self._raw_headers)
 
 
 def open_session() -> aiohttp.ClientSession:
@@ -176,10 +183,7 @@ class Transport:
             ) as response:
                 body = await response.read()
                 result = Response(
-                    status=response.status,
-                    headers=_plain_headers(response.headers),
-                    body=body,
-                    url=url,
+                    status=response.status, body=body, url=url, raw_headers=response.headers
                 )
         except _TRANSLATED as exc:
             raise _translation(exc, method, url) from exc
