@@ -360,6 +360,36 @@ async def test_stream_yields_every_row_exactly_once(client: AsyncTogether) -> No
     assert sorted(seen) == sorted(f"request-{i}" for i in range(300))
 
 
+async def test_a_finished_shard_is_read_while_an_upload_holds_its_slot(
+    client: AsyncTogether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Downloads do not queue behind uploads: with one upload at a time, the second shard's
+    upload waits for a result of the first shard, which must come without that slot."""
+    first_result = anyio.Event()
+    real_upload = client.files.upload
+    uploads = 0
+
+    async def upload(*args: Any, **kwargs: Any) -> Any:
+        nonlocal uploads
+        uploads += 1
+        if uploads == 2:
+            await first_result.wait()
+        return await real_upload(*args, **kwargs)
+
+    monkeypatch.setattr(client.files, "upload", upload)
+    run = BatchRun(
+        client, bodies(4), model="m", max_requests_per_batch=2, max_concurrency=1, **FAST
+    )
+    seen: list[str] = []
+    with anyio.fail_after(15):  # a slot shared with uploads would wait here forever
+        async with contextlib.aclosing(run.stream()) as results:
+            async for result in results:
+                seen.append(result.custom_id)
+                first_result.set()
+    assert sorted(seen) == [f"request-{i}" for i in range(4)]
+    assert uploads == 2
+
+
 async def test_closing_the_stream_early_cancels_the_run(
     make_emulator: MakeEmulator,
 ) -> None:

@@ -9,14 +9,15 @@ How a run goes, and why:
    files within both limits (lines and bytes), hashing them into a fingerprint. Problems are
    reported for the whole input before anything is uploaded; memory holds one chunk of rows and
    a set of 64-bit id hashes, never the dataset (see `_sharding.InputSharder`).
-2. Every shard then lives its own life in a task: upload (at most `max_concurrency` transfers),
+2. Every shard then lives its own life in a task: upload (at most `max_concurrency` at once),
    record a create intent, create the job, wait for it on the ONE shared `BatchWatcher` (one
    `list_batches` call per tick however many jobs), download its output and error files to
-   disk, and account for each of its rows (at most `max_concurrency` shards at once, reading
-   one chunk at a time). Rows that failed retryably (408, 429, 5xx, timeouts) or got no result
-   from an EXPIRED or CANCELLED job go into one follow-up shard, up to `max_attempts`; rows of
-   a FAILED job get its error as their final result (a job that fails validation would fail
-   again). One follow-up per finished shard keeps every shard's lineage simple to resume.
+   disk (at most `max_concurrency` shards at once, never waiting behind uploads), and account
+   for each of its rows (at most `max_concurrency` shards at once, reading one chunk at a
+   time). Rows that failed retryably (408, 429, 5xx, timeouts) or got no result from an
+   EXPIRED or CANCELLED job go into one follow-up shard, up to `max_attempts`; rows of a FAILED
+   job get its error as their final result (a job that fails validation would fail again).
+   One follow-up per finished shard keeps every shard's lineage simple to resume.
 3. Every step is recorded in a `Manifest` (SQLite) before the next starts, so the same call
    after a crash picks up where the last one stopped: no shard uploaded twice, no job created
    twice (the intent is recorded before create_batch and reconciled with list_batches after a
@@ -174,8 +175,10 @@ class BatchRun:
         model: fills `body["model"]` where a body has none (and is sent as the job's model_id).
         max_requests_per_batch: most lines per job (the API allows 50,000).
         max_bytes_per_batch: most bytes per job input file (the API allows 100 MB).
-        max_concurrency: most file transfers (uploads, downloads) at once, and most finished
-            shards being read at once.
+        max_concurrency: most uploads at once, most downloads at once (a separate limit, so a
+            finished job's results never wait behind uploads), and most finished shards being
+            read at once. Uploads are staggered on purpose: jobs submitted a few at a time
+            finish a few at a time, and their results are read while later jobs still run.
         state_path: a SQLite file recording the run, to resume it after a crash (its files go in
             `<state_path>.files/`, kept until you delete them). None: nothing survives the call.
         max_attempts: most times a row is submitted (1 means never resubmit).
@@ -546,7 +549,10 @@ class _Pipeline:
         self._manifest = workspace.manifest
         self._sink = sink
         self._stats = run._stats
-        self._transfers = anyio.CapacityLimiter(run._max_concurrency)
+        # Uploads and downloads wait in separate lines: a finished job's results must not
+        # queue behind the uploads of shards that will run later.
+        self._uploads = anyio.CapacityLimiter(run._max_concurrency)
+        self._downloads = anyio.CapacityLimiter(run._max_concurrency)
         self._readers = anyio.CapacityLimiter(run._max_concurrency)
         # Reading results is pure-Python work in worker threads: several such threads at once
         # are no faster (one GIL) and make the event loop wait in line for the GIL behind all
@@ -634,7 +640,7 @@ class _Pipeline:
 
     async def _upload(self, shard: ShardRecord) -> ShardRecord:
         path = self._workspace.inputs / shard.input_name
-        async with self._transfers:
+        async with self._uploads:
             uploaded = await self._client.files.upload(path, purpose="batch-api", check=False)
         logger.debug("shard %d uploaded as %s", shard.id, uploaded.id)
         return await self._manifest.record_uploaded(shard.id, uploaded.id)
@@ -742,7 +748,7 @@ class _Pipeline:
     async def _fetch_results(self, shard: ShardRecord) -> dict[str, tuple[str | None, int | None]]:
         """Download the job's output and error files (to names fixed by the shard id)."""
         names: dict[str, tuple[str | None, int | None]] = {}
-        async with self._transfers:
+        async with self._downloads:
             for kind, file_id in (("output", shard.output_file_id), ("error", shard.error_file_id)):
                 if not file_id:
                     names[kind] = (None, None)
@@ -849,7 +855,7 @@ class _Pipeline:
     async def _delete_remote_files(self, shard: ShardRecord) -> None:
         ids = [i for i in (shard.file_id, shard.output_file_id, shard.error_file_id) if i]
         deleted = True
-        async with self._transfers:
+        async with self._downloads:
             for file_id in ids:
                 try:
                     await self._client.files.delete(file_id)
