@@ -175,6 +175,14 @@ def test_timestamp_fraction_is_cut_to_microseconds(
     assert parse_timestamp(text + suffix) == moment
 
 
+@given(moment=st.datetimes(timezones=st.just(timezone.utc)), suffix=st.sampled_from(["Z", "z"]))
+def test_timestamp_with_trailing_zeros_dropped_parses(moment: datetime, suffix: str) -> None:
+    """Go's RFC 3339 form drops trailing zeros of the fraction ("...:00.5Z"): any length from
+    1 to 6 digits gives the same moment, on every supported Python."""
+    text = moment.replace(tzinfo=None).isoformat(timespec="microseconds").rstrip("0")
+    assert parse_timestamp(text.rstrip(".") + suffix) == moment
+
+
 def test_naive_timestamp_is_taken_as_utc() -> None:
     """A timestamp without an offset is read as UTC, so every datetime is aware."""
     parsed = parse_timestamp("2024-01-15T14:30:00")

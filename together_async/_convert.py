@@ -9,6 +9,7 @@ BatchJob and FileObject have fast hooks that leave any unusual input to cattrs.
 from __future__ import annotations
 
 import re
+import sys
 import typing
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -43,8 +44,13 @@ T = TypeVar("T")
 
 converter = make_converter()
 
-# Python 3.10's fromisoformat knows neither "Z" nor more than 6 fractional digits (Go's output).
-_FRACTION = re.compile(r"(\.\d{6})\d+")
+# Python 3.10's fromisoformat knows no "Z" and only fractions of 3 or 6 digits, while Go
+# (RFC 3339 with nanoseconds) writes 1 to 9, trailing zeros dropped.
+_FRACTION = re.compile(r"\.(\d+)")
+
+
+def _six_digit_fraction(match: re.Match[str]) -> str:
+    return "." + (match.group(1) + "00000")[:6]
 
 
 def parse_timestamp(value: Any) -> datetime | None:
@@ -60,16 +66,27 @@ def parse_timestamp(value: Any) -> datetime | None:
     raise ValueError(f"not a timestamp: {value!r}")
 
 
+# Python 3.11+ reads a "Z" and any number of fractional digits (cutting them to 6) itself.
+_FROMISOFORMAT_READS_Z = sys.version_info >= (3, 11)
+
+
 def _parse_iso(value: str) -> datetime:
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        # Only Python 3.10 needs a fraction of more than 6 digits cut; cutting it up front
-        # cost every timestamp a regex pass.
-        parsed = datetime.fromisoformat(_FRACTION.sub(r"\1", text))
+    parsed = None
+    if _FROMISOFORMAT_READS_Z:
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            pass  # spaces around it, a lower-case "z": the careful path below
+    if parsed is None:
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            # Only Python 3.10 needs the fraction made 6 digits long; doing it up front
+            # cost every timestamp a regex pass.
+            parsed = datetime.fromisoformat(_FRACTION.sub(_six_digit_fraction, text))
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
