@@ -165,12 +165,21 @@ def _fast_time(item: Any) -> Any:
     return _UNUSABLE
 
 
+# An enum call costs ~0.4 us; a dict lookup finds the members as the API spells them.
+_STATUS_BY_VALUE: dict[str, BatchJobStatus] = {status.value: status for status in BatchJobStatus}
+_PURPOSE_BY_VALUE: dict[str, FilePurpose] = {purpose.value: purpose for purpose in FilePurpose}
+
+
 def _fast_status(item: Any) -> Any:
-    return BatchJobStatus(item) if type(item) is str else _UNUSABLE
+    if type(item) is not str:
+        return _UNUSABLE
+    return _STATUS_BY_VALUE.get(item) or BatchJobStatus(item)
 
 
 def _fast_purpose(item: Any) -> Any:
-    return FilePurpose(item) if type(item) is str else _UNUSABLE
+    if type(item) is not str:
+        return _UNUSABLE
+    return _PURPOSE_BY_VALUE.get(item) or FilePurpose(item)
 
 
 def _fast_any(item: Any) -> Any:
