@@ -206,11 +206,12 @@ class AsyncTogether:
         first attempt, so attempt counts, waits, Retry-After, test mode and stamina's retry
         hooks behave exactly as if stamina had run the first attempt itself.
         """
+        config = self._config
+        attempts = config.attempts_for(max_retries)  # checks max_retries before any request
         try:
             return await operation()
         except Exception as exc:
             first_failure = exc
-        config = self._config
 
         def backoff(exc: Exception) -> bool | float:
             return retry_backoff(exc, retry_after_max=config.retry_after_max)
@@ -221,7 +222,7 @@ class AsyncTogether:
         replayed = False
         async for attempt in stamina.retry_context(
             on=backoff,
-            attempts=config.attempts_for(max_retries),
+            attempts=attempts,
             timeout=None,
             wait_initial=config.retry_wait_initial,
             wait_max=config.retry_wait_max,
