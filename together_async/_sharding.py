@@ -654,11 +654,14 @@ class ShardAccounting:
                     last = splitter.flush()
                     if last is not None:
                         lines.append(last)
-                yield self._settle(lines, path)
+                yield self.settle(lines, source=path.name)
                 if not chunk:
                     return
 
-    def _settle(self, lines: list[bytes], path: Path) -> list[tuple[int, BatchResult]]:
+    def settle(self, lines: list[bytes], *, source: str) -> list[tuple[int, BatchResult]]:
+        """The final outcomes among some lines of an output or error file (`source` names it
+        in warnings). Pure CPU work, about 5 us a line: callers on an event loop pass a few
+        hundred lines at a time."""
         # Per row: one decode, one result, a few lookups; everything used bound to locals.
         final: list[tuple[int, BatchResult]] = []
         keep = final.append
@@ -677,7 +680,7 @@ class ShardAccounting:
             except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
                 if line.strip():  # a blank line is no row at all
                     # The row then counts as missing: resubmitted or reported, never lost.
-                    logger.warning("skipping a malformed line of %s: %s", path.name, exc)
+                    logger.warning("skipping a malformed line of %s: %s", source, exc)
                 continue
             index = index_of(result.custom_id)
             if index is None:
