@@ -1,9 +1,10 @@
-"""The file work behind gather_batches, all blocking and meant for worker threads: turning input
-rows into checked shard files (`InputSharder`), and turning a finished shard's input, output and
-error files back into one outcome per row (`ShardAccounting`).
+"""The file work behind gather_batches: turning input rows into checked shard files
+(`InputSharder`), and turning a finished shard's input, output and error files back into one
+outcome per row (`ShardAccounting`).
 
-Nothing here touches the network or the event loop; gather.py calls it chunk by chunk through
-`anyio.to_thread.run_sync`, so the loop stays responsive and memory stays bounded by a chunk.
+Nothing here touches the network or the event loop. gather.py calls the blocking parts chunk by
+chunk through `anyio.to_thread.run_sync`, and `ShardAccounting.settle` (no I/O, a few ms per
+call) on the loop itself, so the loop stays responsive and memory stays bounded by a chunk.
 """
 
 from __future__ import annotations
