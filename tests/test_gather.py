@@ -453,7 +453,6 @@ async def test_resume_after_a_crash_repeats_no_step(
 ) -> None:
     """A rerun after a crash uploads no recorded shard, creates no job twice, downloads no
     finished shard twice, and returns what an uninterrupted run returns."""
-    emulator = await make_emulator()
     options: dict[str, Any] = {
         "requests": bodies(300),
         "model": "m",
@@ -461,9 +460,12 @@ async def test_resume_after_a_crash_repeats_no_step(
         "max_concurrency": 1,
         **FAST,
     }
-    async with client_of(emulator) as client:
+    # The uninterrupted run gets a server of its own: on a shared one its jobs would sit on
+    # the same (checksum-deduplicated) file ids as the resumed run's.
+    async with client_of(await make_emulator()) as client:
         expected = await gather_batches(client, state_path=tmp_path / "baseline.sqlite", **options)
-        emulator.stats.reset()
+    emulator = await make_emulator()
+    async with client_of(emulator) as client:
         state = tmp_path / "state.sqlite"
         await run_until_call(client, resource, method, calls, state_path=state, **options)
         before = await recorded_shards(state)

@@ -374,7 +374,10 @@ async def test_sigkill_then_rerun_repeats_nothing(
             assert stats.jobs_created.total() == at
         elif stage == "mid-watch":
             jobs = await emulator.storage.list_jobs()
-            assert len(jobs) == SHARDS and {job.status for job in jobs} == {"IN_PROGRESS"}
+            # The driver stops once a job runs; the others may still be validating.
+            statuses = {str(job.status) for job in jobs}
+            assert len(jobs) == SHARDS and "IN_PROGRESS" in statuses
+            assert statuses <= {"VALIDATING", "IN_PROGRESS"}
         elif stage == "mid-download":
             await wait_until(lambda: stats["GET", "/files/{id}/content"] == at, "the download")
         elif stage == "after-download":
