@@ -16,6 +16,7 @@ from together_async import (
     BatchJob,
     BatchJobStatus,
     BatchRequest,
+    BatchResult,
     FileObject,
     FilePurpose,
     _convert,
@@ -534,3 +535,27 @@ def test_job_list_uses_the_same_hook() -> None:
     assert jobs == [structure(REAL_JOB, BatchJob), structure(SEED_JOB, BatchJob)]
     with pytest.raises(APIResponseValidationError, match=r"\$\[1\]\.id"):
         structure([REAL_JOB, {"status": "COMPLETED"}], list[BatchJob])
+
+
+@given(
+    custom_id=st.text(min_size=1),
+    status=st.integers(min_value=100, max_value=599),
+    body=st.none() | st.dictionaries(st.text(), _json_scalars, max_size=3),
+    keep_raw=st.booleans(),
+)
+def test_fast_path_builds_what_the_general_path_builds(
+    custom_id: str, status: int, body: object, keep_raw: bool
+) -> None:
+    """Any output row gives a result equal to BatchResult(...) built from its fields."""
+    row = {"custom_id": custom_id, "response": {"status_code": status, "body": body}}
+    raw = orjson.dumps(row) if keep_raw else None
+    result = result_from_row(row, batch_id="b", raw=raw)
+    expected_error = None if status < 400 else "HTTP " + str(status)
+    assert result == BatchResult(
+        custom_id=custom_id,
+        status_code=status,
+        body=body,
+        error_message=expected_error,
+        batch_id="b",
+    )
+    assert result.ok == (200 <= status < 300)
