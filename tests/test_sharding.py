@@ -46,6 +46,11 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
+
+def settle_file(accounting: ShardAccounting, path: Path) -> list[tuple[int, BatchResult]]:
+    """Settle a small results file in one go (gather reads real ones a chunk at a time)."""
+    return accounting.settle(path.read_bytes().splitlines(), source=path.name)
+
 def test_rows_are_normalised_into_request_lines(tmp_path: Path) -> None:
     """Bare bodies are wrapped with a generated id and the default model, custom_id first."""
     writer = sharder(tmp_path)
@@ -287,7 +292,7 @@ def test_accounting_settles_every_row_once(tmp_path: Path) -> None:
         job_error=None,
         retry_allowed=True,
     )
-    final = [item for chunk in accounting.read(tmp_path / "out.jsonl") for item in chunk]
+    final = settle_file(accounting, tmp_path / "out.jsonl")
     final += accounting.finish()
     follow_up = accounting.write_follow_up(tmp_path / "retry.jsonl", attempt=2)
     assert [(position, result.custom_id) for position, result in final] == [(10, "a"), (13, "d")]
@@ -339,7 +344,7 @@ def test_accounting_rebuilds_custom_ids_it_cannot_trust(tmp_path: Path, damage: 
         ids_path(path).write_bytes(ids_path(path).read_bytes()[:-5])
     (tmp_path / "out.jsonl").write_bytes(output_line("b", 200) + output_line("a", 200))
     accounting = accounting_of(path, [7, 8], sha256)
-    final = [item for chunk in accounting.read(tmp_path / "out.jsonl") for item in chunk]
+    final = settle_file(accounting, tmp_path / "out.jsonl")
     assert [(position, result.custom_id) for position, result in final] == [(8, "b"), (7, "a")]
 
 
@@ -348,8 +353,7 @@ def test_a_follow_up_shard_keeps_its_custom_ids_too(tmp_path: Path) -> None:
     path, sha256 = written_shard(tmp_path, ["a", "b", "c"])
     (tmp_path / "out.jsonl").write_bytes(output_line("b", 200))
     accounting = accounting_of(path, [0, 1, 2], sha256)
-    for _ in accounting.read(tmp_path / "out.jsonl"):
-        pass
+    settle_file(accounting, tmp_path / "out.jsonl")
     accounting.finish()
     follow_up = accounting.write_follow_up(tmp_path / "retry.jsonl", attempt=2)
     assert follow_up is not None

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -589,9 +589,10 @@ class ShardAccounting:
     """Turns one finished shard back into exactly one outcome per row.
 
     Takes the shard's custom_ids from the file written beside it (`ids_path`; rebuilt from
-    the shard's input file when missing or stale, as after a crash), then reads the job's
-    output and error files (either may be missing) one chunk at a time; `read()` yields the
-    rows that are final, as `(input position, BatchResult)`. A row is resubmitted instead when
+    the shard's input file when missing or stale, as after a crash); `settle(lines)` takes the
+    lines of the job's output and error files (either may be missing), a few hundred at a time
+    as gather reads them, and returns the rows that are final, as `(input position,
+    BatchResult)`. A row is resubmitted instead when
     it failed retryably (408, 429, 5xx, timeouts), or has no result because the job EXPIRED,
     was CANCELLED or lost it, and `retry_allowed` is true. `finish()` settles the rows with no
     result (a final error naming the job's status) and `write_follow_up()` writes the rows to
@@ -643,21 +644,6 @@ class ShardAccounting:
         #: Token usage summed over the final results read so far.
         self.usage: dict[str, int] = {}
         self.resubmit_count = 0
-
-    def read(self, path: Path) -> Generator[list[tuple[int, BatchResult]], None, None]:
-        """The final outcomes found in an output or error file, a chunk at a time."""
-        splitter = LineSplitter()
-        with open(path, "rb") as file:
-            while True:
-                chunk = file.read(CHUNK_SIZE)
-                lines = splitter.feed(chunk) if chunk else []
-                if not chunk:
-                    last = splitter.flush()
-                    if last is not None:
-                        lines.append(last)
-                yield self.settle(lines, source=path.name)
-                if not chunk:
-                    return
 
     def settle(self, lines: list[bytes], *, source: str) -> list[tuple[int, BatchResult]]:
         """The final outcomes among some lines of an output or error file (`source` names it
