@@ -428,7 +428,7 @@ class _ResultDecoder:
         while True:
             try:
                 while end >= 0:
-                    append(result_from_row(loads(view[start:end]), batch_id=batch_id))
+                    append(result_from_row(loads(view[start:end]), batch_id))
                     start = end + 1
                     end = find(b"\n", start, stop)
                 break
