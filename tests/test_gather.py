@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import orjson
 import pytest
 from emulator_helpers import EMULATOR_KEY
@@ -574,6 +576,103 @@ async def test_resume_does_not_mistake_the_parents_job_for_its_follow_ups(
     shards = await recorded_shards(state)
     assert len({shard.file_id for shard in shards}) == 1
     assert len({shard.batch_id for shard in shards}) == 2
+
+
+async def crash_before_creating(client: AsyncTogether, **options: Any) -> None:
+    """Run gather_batches and stop it dead as its first create_batch is about to be sent: the
+    create intent is recorded and no job exists."""
+    with anyio.CancelScope() as scope:
+
+        async def cut_short(*args: Any, **kwargs: Any) -> Any:
+            scope.cancel()
+            await anyio.lowlevel.checkpoint()
+            raise AssertionError("the cancelled scope raises at the checkpoint")
+
+        setattr(client.batches, "create_batch", cut_short)  # noqa: B010
+        try:
+            await gather_batches(client, **options)
+        finally:
+            delattr(client.batches, "create_batch")
+    assert scope.cancelled_caught, "the run ended before its first create_batch"
+
+
+async def move_create_intent(state_path: Path, shard_id: int, at: float) -> None:
+    """Rewrite when a shard's current step (its create intent) was recorded, as if at `at`."""
+
+    def rewrite() -> None:
+        db = sqlite3.connect(state_path)
+        try:
+            with db:  # commits
+                db.execute("UPDATE shards SET updated_at = ? WHERE id = ?", (at, shard_id))
+        finally:
+            db.close()
+
+    await anyio.to_thread.run_sync(rewrite)
+
+
+async def test_resume_does_not_adopt_a_job_made_before_the_create_intent(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """A job on the shard's file id made well before its create intent (another run over the
+    same data) is left alone: the resume creates the shard's own job."""
+    state = tmp_path / "state.sqlite"
+    options: dict[str, Any] = {"requests": bodies(10), "model": "m", "state_path": state, **FAST}
+    async with client_of(emulator) as client:
+        await crash_before_creating(client, **options)
+        [crashed] = await recorded_shards(state)
+        assert crashed.step is ShardStep.CREATING and crashed.file_id is not None
+        assert emulator.stats.jobs_created.total() == 0
+        foreign = await client.batches.create_batch(
+            crashed.file_id, "/v1/chat/completions", model_id="m"
+        )
+        assert foreign.created_at is not None
+        skew = client.config.create_reconcile_skew
+        await move_create_intent(state, crashed.id, foreign.created_at.timestamp() + skew + 3600)
+        results = await gather_batches(client, **options)
+    assert all(result.ok for result in results)
+    [shard] = await recorded_shards(state)
+    assert shard.batch_id not in (None, foreign.id)
+    assert emulator.stats.jobs_created[crashed.file_id] == 2  # the foreign job and its own
+    assert emulator.stats["POST", "/batches/{id}/cancel"] == 0
+
+
+async def test_resume_adopts_the_job_made_after_the_create_intent(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """A crash just after create_batch returned: the resume follows that job and makes none."""
+    state = tmp_path / "state.sqlite"
+    options: dict[str, Any] = {"requests": bodies(10), "model": "m", "state_path": state, **FAST}
+    async with client_of(emulator) as client:
+        await run_until_call(client, "batches", "create_batch", 1, **options)
+        [crashed] = await recorded_shards(state)
+        [made] = await client.batches.list_batches()
+        creates_before = emulator.stats["POST", "/batches"]
+        results = await gather_batches(client, **options)
+    assert crashed.step is ShardStep.CREATING
+    assert all(result.ok for result in results)
+    [shard] = await recorded_shards(state)
+    assert shard.batch_id == made.id
+    assert emulator.stats["POST", "/batches"] == creates_before
+
+
+async def test_resume_allows_for_a_server_clock_behind_ours(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """A job stamped before the create intent, but by less than create_reconcile_skew, is
+    still adopted (the server's clock may be behind ours)."""
+    state = tmp_path / "state.sqlite"
+    options: dict[str, Any] = {"requests": bodies(10), "model": "m", "state_path": state, **FAST}
+    async with client_of(emulator) as client:
+        await run_until_call(client, "batches", "create_batch", 1, **options)
+        [made] = await client.batches.list_batches()
+        assert made.created_at is not None
+        skew = client.config.create_reconcile_skew
+        await move_create_intent(state, 0, made.created_at.timestamp() + skew - 60)
+        creates_before = emulator.stats["POST", "/batches"]
+        await gather_batches(client, **options)
+    [shard] = await recorded_shards(state)
+    assert shard.batch_id == made.id
+    assert emulator.stats["POST", "/batches"] == creates_before
 
 
 async def test_a_finished_run_replays_from_its_state_without_calls(

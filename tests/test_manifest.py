@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import anyio
@@ -82,6 +83,40 @@ async def test_reopening_the_same_run_resumes_with_its_steps(tmp_path: Path) -> 
         "file-0",
         "batch-0",
     )
+
+
+async def test_the_time_of_a_step_survives_reopening(tmp_path: Path) -> None:
+    """step_recorded_at is the wall-clock time the step was recorded, read back after reopening."""
+    path = tmp_path / "state.sqlite"
+    manifest = await open_begun(path)
+    await manifest.record_uploaded(0, "file-0")
+    before = time.time()
+    intent = await manifest.record_create_intent(0)
+    after = time.time()
+    await manifest.aclose()
+
+    manifest = await Manifest.open(path)
+    try:
+        reopened = await manifest.shard(0)
+    finally:
+        await manifest.aclose()
+    assert before <= intent.step_recorded_at <= after
+    assert reopened.step_recorded_at == intent.step_recorded_at
+
+
+async def test_a_flag_leaves_the_time_of_the_step(tmp_path: Path) -> None:
+    """Recording a cancel request or deleted remote files does not move step_recorded_at."""
+    manifest = await open_begun(tmp_path / "state.sqlite")
+    try:
+        await manifest.record_uploaded(0, "file-0")
+        intent = await manifest.record_create_intent(0)
+        await manifest.record_cancel_requested([0])
+        await manifest.record_remote_files_deleted(0)
+        flagged = await manifest.shard(0)
+    finally:
+        await manifest.aclose()
+    assert flagged.cancel_requested and flagged.remote_files_deleted
+    assert flagged.step_recorded_at == intent.step_recorded_at
 
 
 async def test_another_input_is_refused_with_what_differs(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Union, cast
@@ -650,7 +650,7 @@ class _Pipeline:
     async def _create(self, shard: ShardRecord) -> ShardRecord:
         file_id = shard.file_id
         assert file_id is not None
-        job = await self._existing_job(file_id) if shard.step is ShardStep.CREATING else None
+        job = await self._existing_job(shard) if shard.step is ShardStep.CREATING else None
         if job is None:
             shard = await self._manifest.record_create_intent(shard.id)
             self._creating[shard.id] = file_id
@@ -673,8 +673,10 @@ class _Pipeline:
         self._creating.pop(shard.id, None)
         return shard
 
-    async def _existing_job(self, file_id: str) -> BatchJob | None:
-        """The job a crashed run may have created on `file_id` (one list call per run)."""
+    async def _existing_job(self, shard: ShardRecord) -> BatchJob | None:
+        """The job a crashed run may have created for a CREATING shard (one list call per run)."""
+        file_id = shard.file_id
+        assert file_id is not None
         async with self._listing_lock:
             if self._listing is None:
                 listing: dict[str, list[BatchJob]] = {}
@@ -682,10 +684,19 @@ class _Pipeline:
                     if job.input_file_id is not None:
                         listing.setdefault(job.input_file_id, []).append(job)
                 self._listing = listing
-        # A follow-up shard can have its parent's exact bytes, and so (uploads are deduplicated
-        # by checksum) its file id: a job another shard already owns is never a match.
+        # Uploads are deduplicated by checksum, so the file id can carry other jobs: those of a
+        # follow-up's parent (identical bytes), owned by a known shard, and those of other runs
+        # over the same data, made before this shard's create intent. Neither is a match. The
+        # skew allows for the server's clock being behind ours, as create_batch's reconcile does.
+        skew = timedelta(seconds=self._client.config.create_reconcile_skew)
+        not_before = datetime.fromtimestamp(shard.step_recorded_at, tz=timezone.utc) - skew
         candidates = [
-            job for job in self._listing.get(file_id, []) if job.id not in self._known_batch_ids
+            job
+            for job in self._listing.get(file_id, [])
+            if job.id not in self._known_batch_ids
+            # A job that does not say when it was made counts, as in create_batch: adopting
+            # it risks less than billing a second job.
+            and (job.created_at is None or job.created_at >= not_before)
         ]
         if not candidates:
             return None

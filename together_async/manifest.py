@@ -134,6 +134,9 @@ class ShardRecord:
     first_position: int | None
     positions: builtins.bytes | None
     step: ShardStep
+    step_recorded_at: float
+    """When the current step was recorded (unix seconds, this machine's wall clock); for a
+    CREATING shard, when its create intent was. Flags such as cancel_requested leave it."""
     file_id: str | None = None
     batch_id: str | None = None
     job_status: str | None = None
@@ -205,11 +208,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS shards_one_child ON shards(parent_id)
     WHERE parent_id IS NOT NULL;
 """
 
+# updated_at is when the row's step was last set (ShardRecord.step_recorded_at).
 _SHARD_COLUMNS = (
     "id, parent_id, attempt, input_name, input_sha256, lines, bytes, first_position, positions, "
     "step, file_id, batch_id, job_status, job_error, output_file_id, error_file_id, "
     "output_name, output_bytes, error_name, error_bytes, cancel_requested, retry_allowed, "
-    "remote_files_deleted"
+    "remote_files_deleted, updated_at"
 )
 
 
@@ -218,7 +222,7 @@ def _shard_from_row(row: tuple[Any, ...]) -> ShardRecord:
         shard_id, parent_id, attempt, input_name, input_sha256, lines, size, first_position,
         positions, step, file_id, batch_id, job_status, job_error, output_file_id,
         error_file_id, output_name, output_bytes, error_name, error_bytes, cancel_requested,
-        retry_allowed, remote_files_deleted,
+        retry_allowed, remote_files_deleted, updated_at,
     ) = row  # fmt: skip
     return ShardRecord(
         id=shard_id,
@@ -231,6 +235,7 @@ def _shard_from_row(row: tuple[Any, ...]) -> ShardRecord:
         first_position=first_position,
         positions=positions,
         step=ShardStep(step),
+        step_recorded_at=updated_at,
         file_id=file_id,
         batch_id=batch_id,
         job_status=job_status,
@@ -488,9 +493,11 @@ class Manifest:
     def _mark(self, shard_ids: list[int], column: str) -> None:
         db = self._db()
         with _transaction(db):
+            # updated_at stays the step's time: resume compares a CREATING shard's to the
+            # creation time of the jobs it may adopt, and a later flag must not move it.
             db.executemany(
-                f"UPDATE shards SET {column} = 1, updated_at = ? WHERE id = ?",
-                [(time.time(), shard_id) for shard_id in shard_ids],
+                f"UPDATE shards SET {column} = 1 WHERE id = ?",
+                [(shard_id,) for shard_id in shard_ids],
             )
 
 
