@@ -398,9 +398,7 @@ async def test_closing_the_stream_early_cancels_the_run(
     """Closing the iterator after the first result cancels the run and its unfinished jobs."""
     emulator = await make_emulator(engine=StallingEngine(answer_first=5), concurrency=1)
     async with client_of(emulator) as client:
-        stream = stream_batches(
-            client, bodies(20), model="m", max_requests_per_batch=10, **FAST
-        )
+        stream = stream_batches(client, bodies(20), model="m", max_requests_per_batch=10, **FAST)
         async with contextlib.aclosing(stream) as results:
             async for _ in results:
                 break
@@ -538,8 +536,16 @@ async def test_resume_after_sigkill_repeats_no_step(
     with the results of an uninterrupted run."""
     state = tmp_path / "state.sqlite"
     killed = await anyio.run_process(
-        [sys.executable, "-c", KILLED_RUN, emulator.base_url, emulator.api_key, str(state),
-         where, str(calls)],
+        [
+            sys.executable,
+            "-c",
+            KILLED_RUN,
+            emulator.base_url,
+            emulator.api_key,
+            str(state),
+            where,
+            str(calls),
+        ],
         check=False,
     )
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
@@ -740,9 +746,7 @@ async def test_another_dataset_on_the_same_state_path_is_refused(
     assert sum(emulator.stats.requests.values()) == 0
 
 
-async def test_the_state_never_holds_the_api_key(
-    client: AsyncTogether, tmp_path: Path
-) -> None:
+async def test_the_state_never_holds_the_api_key(client: AsyncTogether, tmp_path: Path) -> None:
     """Neither the state file nor its directory contains the API key."""
     state = tmp_path / "state.sqlite"
     await gather_batches(client, bodies(10), model="m", state_path=state, **FAST)
@@ -758,9 +762,7 @@ async def test_the_state_never_holds_the_api_key(
 # --- cancellation -------------------------------------------------------------------------
 
 
-async def start_and_cancel(
-    client: AsyncTogether, emulator: Emulator, **options: Any
-) -> None:
+async def start_and_cancel(client: AsyncTogether, emulator: Emulator, **options: Any) -> None:
     """Start a gather, cancel it once its job exists on the server."""
     async with anyio.create_task_group() as group:
         group.start_soon(lambda: gather_batches(client, bodies(10), model="m", **FAST, **options))

@@ -401,9 +401,11 @@ class Manifest:
         return self._connection
 
     def _run(self) -> RunRecord | None:
-        row = self._db().execute(
-            "SELECT fingerprint, rows, settings, created_at, format FROM run WHERE id = 1"
-        ).fetchone()
+        row = (
+            self._db()
+            .execute("SELECT fingerprint, rows, settings, created_at, format FROM run WHERE id = 1")
+            .fetchone()
+        )
         if row is None:
             return None
         fingerprint, rows, settings, created_at, file_format = row
@@ -451,9 +453,11 @@ class Manifest:
         return [_shard_from_row(row) for row in rows]
 
     def _shard(self, shard_id: int) -> ShardRecord:
-        row = self._db().execute(
-            f"SELECT {_SHARD_COLUMNS} FROM shards WHERE id = ?", (shard_id,)
-        ).fetchone()
+        row = (
+            self._db()
+            .execute(f"SELECT {_SHARD_COLUMNS} FROM shards WHERE id = ?", (shard_id,))
+            .fetchone()
+        )
         if row is None:
             raise KeyError(f"no shard {shard_id} in {self.path}")
         return _shard_from_row(row)
