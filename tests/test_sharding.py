@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from together_async import BatchFileError, BatchResult
-from together_async._convert import usage_of_row
+from together_async._convert import result_from_row, usage_of_row
 from together_async._jsonl import check_batch_file
 from together_async._sharding import (
     InputSharder,
@@ -46,10 +46,10 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
-
 def settle_file(accounting: ShardAccounting, path: Path) -> list[tuple[int, BatchResult]]:
     """Settle a small results file in one go (gather reads real ones a chunk at a time)."""
     return accounting.settle(path.read_bytes().splitlines(), source=path.name)
+
 
 def test_rows_are_normalised_into_request_lines(tmp_path: Path) -> None:
     """Bare bodies are wrapped with a generated id and the default model, custom_id first."""
@@ -268,9 +268,7 @@ def test_the_sharder_accepts_what_the_validator_accepts(tmp_path: Path, lines: l
 
 
 def write_shard(path: Path, ids: list[str]) -> None:
-    path.write_bytes(
-        b"".join(orjson.dumps({"custom_id": i, "body": body(i)}) + b"\n" for i in ids)
-    )
+    path.write_bytes(b"".join(orjson.dumps({"custom_id": i, "body": body(i)}) + b"\n" for i in ids))
 
 
 def output_line(custom_id: str, status: int) -> bytes:
@@ -419,6 +417,55 @@ def test_summed_usage_equals_the_sum_of_usage_of_row(rows: list[dict[str, Any]])
     for row in rows:
         _add_usage(totals, row)
     assert totals == expected
+
+
+_settle_rows = st.fixed_dictionaries(
+    {
+        "custom_id": st.sampled_from(["a", "b", "c", "not-sent"]),
+        "response": st.fixed_dictionaries(
+            {"status_code": st.sampled_from([200, 204, 299, 400, 408, 429, 500, 503])},
+            optional={"body": st.one_of(st.none(), _usage_rows.map(lambda row: row))},
+        ),
+    },
+    optional={
+        "error": st.one_of(st.none(), st.fixed_dictionaries({"message": st.text(max_size=4)}))
+    },
+)
+
+
+@given(st.lists(_settle_rows, max_size=8), st.booleans())
+def test_settle_follows_the_general_rules_row_by_row(
+    rows: list[dict[str, Any]], retry_allowed: bool
+) -> None:
+    """settle()'s fast path gives what result_from_row, is_retryable and usage_of_row give."""
+    lines = [orjson.dumps(row) for row in rows]
+    positions = {"a": 7, "b": 8, "c": 9}
+    expected: list[tuple[int, BatchResult]] = []
+    expected_usage: dict[str, int] = {}
+    seen: set[str] = set()
+    for row, line in zip(rows, lines, strict=True):
+        result = result_from_row(row, batch_id="batch-1", raw=line)
+        if result.custom_id not in positions or result.custom_id in seen:
+            continue
+        seen.add(result.custom_id)
+        if retry_allowed and is_retryable(result):
+            continue
+        expected.append((positions[result.custom_id], result))
+        for key, value in usage_of_row(row).items():
+            expected_usage[key] = expected_usage.get(key, 0) + value
+    with tempfile.TemporaryDirectory() as directory:
+        shard = Path(directory) / "in.jsonl"
+        write_shard(shard, ["a", "b", "c"])
+        accounting = ShardAccounting(
+            shard,
+            [7, 8, 9],
+            batch_id="batch-1",
+            job_status="COMPLETED",
+            job_error=None,
+            retry_allowed=retry_allowed,
+        )
+        assert accounting.settle(lines, source="out.jsonl") == expected
+    assert accounting.usage == expected_usage
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from typing import IO, Any
 import attrs
 import orjson
 
-from ._convert import result_from_row
+from ._convert import ok_result, result_from_row
 from ._errors import BatchFileError
 from ._jsonl import (
     ALLOWED_METHODS,
@@ -29,7 +29,7 @@ from ._jsonl import (
     BatchFileProblem,
     LineSplitter,
 )
-from ._models import BatchJobStatus, BatchRequest, BatchResult
+from ._models import _UNREAD, BatchJobStatus, BatchRequest, BatchResult
 from .manifest import NewShard, encode_positions
 
 __all__ = [
@@ -137,11 +137,15 @@ def _add_usage(totals: dict[str, int], row: dict[str, Any]) -> None:
     if type(response) is dict:
         body = response.get("body")
         if type(body) is dict:
-            usage = body.get("usage")
-            if type(usage) is dict:
-                for key, value in usage.items():
-                    if type(value) is int:  # not a bool, whose type is bool
-                        totals[key] = totals.get(key, 0) + value
+            _add_usage_of_body(totals, body)
+
+
+def _add_usage_of_body(totals: dict[str, int], body: dict[str, Any]) -> None:
+    usage = body.get("usage")
+    if type(usage) is dict:
+        for key, value in usage.items():
+            if type(value) is int:  # not a bool, whose type is bool
+                totals[key] = totals.get(key, 0) + value
 
 
 def is_retryable(result: BatchResult) -> bool:
@@ -647,7 +651,7 @@ class ShardAccounting:
 
     def settle(self, lines: list[bytes], *, source: str) -> list[tuple[int, BatchResult]]:
         """The final outcomes among some lines of an output or error file (`source` names it
-        in warnings). Pure CPU work, about 5 us a line: callers on an event loop pass a few
+        in warnings). Pure CPU work, about 4 us a line: callers on an event loop pass a few
         hundred lines at a time."""
         # Per row: one decode, one result, a few lookups; everything used bound to locals.
         final: list[tuple[int, BatchResult]] = []
@@ -662,7 +666,31 @@ class ShardAccounting:
         for line in lines:
             try:
                 row = loads(line)
-                # The result keeps the raw line, not the decoded body (see BatchResult).
+                # The common row, settled here: a 2xx answer, no error, to a request of this
+                # shard not answered before. Final at once (is_retryable is False for it).
+                if type(row) is dict and row.get("error") is None:
+                    response = row.get("response")
+                    custom_id = row.get("custom_id")
+                    if type(response) is dict and type(custom_id) is str:
+                        code = response.get("status_code")
+                        index = index_of(custom_id)
+                        if (
+                            type(code) is int
+                            and 200 <= code < 300
+                            and index is not None
+                            and not state[index]
+                        ):
+                            state[index] = 1
+                            body = response.get("body")
+                            # The result keeps the raw line, not the body (see BatchResult).
+                            if body is None:
+                                result = ok_result(custom_id, code, None, batch_id, None)
+                            else:
+                                result = ok_result(custom_id, code, _UNREAD, batch_id, line)
+                                if type(body) is dict:
+                                    _add_usage_of_body(usage, body)
+                            keep((positions[index], result))
+                            continue
                 result = result_from_row(row, batch_id=batch_id, raw=line)
             except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
                 if line.strip():  # a blank line is no row at all
