@@ -63,7 +63,7 @@ async def run_ours(
         input_path,
         max_requests_per_batch=shard_lines,
         poll_interval=poll_interval,
-        max_interval=max(poll_interval, 2.0),
+        max_interval=poll_interval,  # polls every poll_interval, as the official script does
     )
     if mode == "gather":
         results = await run.gather()
