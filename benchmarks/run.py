@@ -732,7 +732,8 @@ def workload_gather(ctx: Context) -> Section:
             "runs every shard at once with asyncio.gather, streams each output and error file to "
             "disk and reads every line back with json.loads, synchronously, as a plain script "
             "does: both end with every result in Python. Ours checks every input line before "
-            "anything is sent (the brief's rule), the script checks none. All three "
+            "anything is sent (bad input is refused before any upload), the script checks none. "
+            "All three "
             "are bound by the emulator, which runs the requests on one core: wall times within "
             "a few per cent of each other are a tie.",
         ),
