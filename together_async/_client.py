@@ -100,6 +100,8 @@ class AsyncTogether:
     def _setup(self, config: ClientConfig, session: aiohttp.ClientSession | None) -> None:
         self._config = config
         self._api_origin = APIOrigin(config.base_url)
+        # Built on first use (the key is checked then): copied for every request to the API.
+        self._api_headers: dict[str, str] | None = None
         self._caller_session = session
         self._own_session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
@@ -180,14 +182,18 @@ class AsyncTogether:
 
     def _headers_for(self, url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """User-Agent always; the key only for the API's own host."""
-        headers = {"User-Agent": user_agent()}
         if url in self._api_origin:
-            key = self._config.api_key
-            if key is None:
-                raise MissingAPIKeyError(
-                    f"no API key: pass AsyncTogether(api_key=...) or set {API_KEY_ENV}"
-                )
-            headers.update(auth_headers(key))
+            api_headers = self._api_headers
+            if api_headers is None:
+                key = self._config.api_key
+                if key is None:
+                    raise MissingAPIKeyError(
+                        f"no API key: pass AsyncTogether(api_key=...) or set {API_KEY_ENV}"
+                    )
+                api_headers = self._api_headers = {"User-Agent": user_agent(), **auth_headers(key)}
+            headers = api_headers.copy()
+        else:
+            headers = {"User-Agent": user_agent()}
         if extra:
             headers.update(extra)
         return headers
@@ -206,12 +212,18 @@ class AsyncTogether:
         first attempt, so attempt counts, waits, Retry-After, test mode and stamina's retry
         hooks behave exactly as if stamina had run the first attempt itself.
         """
-        config = self._config
-        attempts = config.attempts_for(max_retries)  # checks max_retries before any request
+        attempts = self._config.attempts_for(max_retries)  # checks it before any request
         try:
             return await operation()
         except Exception as exc:
             first_failure = exc
+        return await self._retry_failed(operation, first_failure, attempts)
+
+    async def _retry_failed(
+        self, operation: Callable[[], Awaitable[T]], first_failure: Exception, attempts: int
+    ) -> T:
+        """The rest of `_with_retries`, after a first attempt failed with `first_failure`."""
+        config = self._config
 
         def backoff(exc: Exception) -> bool | float:
             return retry_backoff(exc, retry_after_max=config.retry_after_max)
@@ -313,9 +325,16 @@ class AsyncTogether:
         json: Any = None,
     ) -> Any:
         """A retried request whose success body is JSON; returns it decoded."""
-        # Straight to _with_retries rather than through _send: this is every API call's path.
+        # _with_retries inlined: this is every API call's path, and most succeed at once.
+        attempts = self._config.attempts_for(max_retries)
+        try:
+            response = await self._send_once(method, url, params=params, json=json)
+        except Exception as exc:
+            first_failure = exc
+        else:
+            return decode_json(response.body, what=what)
         attempt = functools.partial(self._send_once, method, url, params=params, json=json)
-        response = await self._with_retries(attempt, max_retries=max_retries)
+        response = await self._retry_failed(attempt, first_failure, attempts)
         return decode_json(response.body, what=what)
 
     @asynccontextmanager

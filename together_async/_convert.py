@@ -274,11 +274,36 @@ _JOB_FIELDS = _field_table(BatchJob, {})
 _FILE_FIELDS = _field_table(FileObject, _FILE_KEY_ALIASES)
 
 
+def _job_defaults() -> dict[str, Any]:
+    defaults = {field.name: field.default for field in attrs.fields(BatchJob) if field.name != "id"}
+    # Shared by every job built below: only immutable defaults, and nothing for __init__ to
+    # run (no converter, validator or __attrs_post_init__). Checked here, at import.
+    if any(default is not None for default in defaults.values()) or any(
+        field.converter is not None or field.validator is not None
+        for field in attrs.fields(BatchJob)
+    ):
+        raise TypeError("BatchJob's fast construction needs None defaults and plain fields")
+    if hasattr(BatchJob, "__attrs_post_init__"):
+        raise TypeError("BatchJob's fast construction cannot run __attrs_post_init__")
+    return defaults
+
+
+_JOB_DEFAULTS = _job_defaults()
+_new_instance = object.__new__
+_set_attribute = object.__setattr__
+
+
 def _structure_job(value: Any, _: Any) -> BatchJob:
     fields = _fast_fields(value, _JOB_FIELDS)
     if fields is None:
         return _structure_job_generated(value, BatchJob)  # type: ignore[no-any-return]
-    return BatchJob(**fields)
+    # What BatchJob(**fields) builds (the class is dict-backed), without the keyword
+    # expansion and attrs' __init__: a poll of many jobs builds one per job per tick.
+    state = _JOB_DEFAULTS.copy()
+    state.update(fields)
+    job: BatchJob = _new_instance(BatchJob)
+    _set_attribute(job, "__dict__", state)
+    return job
 
 
 def _structure_file(value: Any, _: Any) -> FileObject:

@@ -114,6 +114,7 @@ def require_endpoint(value: object) -> str:
 _UNRESERVED_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]*")
 
 
+@functools.lru_cache(maxsize=4096)  # a poll builds the same URL again and again
 def api_url(base_url: str, *segments: str) -> str:
     """`base_url` joined with path segments, each percent-quoted (so an id cannot add a path)."""
     if all(map(_UNRESERVED_SEGMENT.fullmatch, segments)):
