@@ -662,6 +662,7 @@ def workload_stalls(ctx: Context) -> Section:
 E2E_LINE_BYTES = 300
 E2E_SHARD_LINES = 50_000
 E2E_POLL_INTERVAL = 0.5
+E2E_REPEATS = 2
 
 
 def workload_gather(ctx: Context) -> Section:
@@ -674,14 +675,24 @@ def workload_gather(ctx: Context) -> Section:
     ctx.log(f"generating {path.name}")
     _data.write_chat_batch_file(path, lines=requests, line_bytes=E2E_LINE_BYTES)
     contenders = ("ours-stream", "ours-gather", "official")
+    # A run takes ~25 s and this VM's speed drifts by a third over minutes: round-robin, and
+    # in full mode each contender's best of E2E_REPEATS.
+    repeats = 1 if ctx.sizes.repeats == 1 else E2E_REPEATS
+    runs: dict[str, list[dict[str, Any]]] = {contender: [] for contender in contenders}
     results: dict[str, dict[str, Any] | str] = {}
-    for contender in contenders:
-        ctx.log(f"end to end: {contender}")
-        with EmulatorProcess() as emulator:
-            try:
-                results[contender] = _run_e2e(contender, emulator, ctx, path, shard_lines)
-            except ChildFailed as error:
-                results[contender] = _first_error_line(str(error))
+    for _ in range(repeats):
+        for contender in contenders:
+            if contender in results:
+                continue  # failed
+            ctx.log(f"end to end: {contender}")
+            with EmulatorProcess() as emulator:
+                try:
+                    runs[contender].append(_run_e2e(contender, emulator, ctx, path, shard_lines))
+                except ChildFailed as error:
+                    results[contender] = _first_error_line(str(error))
+    for contender, done in runs.items():
+        if contender not in results and done:
+            results[contender] = _merge_e2e_runs(done)
     names = {
         "ours-stream": "ours: stream_batches",
         "ours-gather": "ours: gather_batches (keeps every result)",
@@ -714,15 +725,14 @@ def workload_gather(ctx: Context) -> Section:
             "longest loop stall",
         ),
         rows=rows,
-        targets=tuple(
+        targets=(
             Target(
                 workload="6 end to end",
-                claim=f"official SDK wall time / {names[c].split(' (')[0]}",
-                ratio=_ratio(official_wall, _figure(results, c, "wall_s")),
+                claim="official SDK wall time / ours: stream_batches",
+                ratio=_ratio(official_wall, _figure(results, "ours-stream", "wall_s")),
                 threshold=1.0,
                 note="the issue sets no number: ours should not be slower",
-            )
-            for c in ("ours-stream", "ours-gather")
+            ),
         ),
         notes=(
             f"The input is one {mb(path.stat().st_size)} JSONL file of ~{E2E_LINE_BYTES}-byte "
@@ -732,13 +742,26 @@ def workload_gather(ctx: Context) -> Section:
             "benchmarks/bench_gather.py; the official script (benchmarks/bench_e2e_official.py) "
             "runs every shard at once with asyncio.gather, streams each output and error file to "
             "disk and reads every line back with json.loads, synchronously, as a plain script "
-            "does: both end with every result in Python. Ours checks every input line before "
-            "anything is sent (bad input is refused before any upload), the script checks none. "
-            "All three "
-            "are bound by the emulator, which runs the requests on one core: wall times within "
-            "a few per cent of each other are a tie.",
+            "does: it decodes every result and keeps none, like a consumer of stream_batches "
+            "here, so stream_batches is the like-for-like row; gather_batches also keeps all "
+            "the results (as BatchResults, hence its memory and garbage-collector pauses). "
+            f"Wall times: best of {repeats} round-robin run(s). Ours checks every input line "
+            "before anything is sent (bad input is refused before any upload), the script "
+            "checks none. All three are bound by the emulator, which runs the requests on one "
+            "core: wall times within a few per cent of each other are a tie.",
         ),
     )
+
+
+def _merge_e2e_runs(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """One contender's runs as one figure: the fastest run, the worst memory, the median
+    longest stall (as _best_of does for the short workloads)."""
+    merged = {**min(done, key=lambda run: run["wall_s"]), "runs": len(done)}
+    merged["rss_peak"] = max(run["rss_peak"] for run in done)
+    merged["rss_growth"] = max(run["rss_growth"] for run in done)
+    stalls = sorted(run["loop_stall_s"] for run in done)
+    merged["loop_stall_s"] = stalls[(len(stalls) - 1) // 2]
+    return merged
 
 
 def _run_e2e(
