@@ -565,3 +565,12 @@ def test_fast_path_builds_what_the_general_path_builds(
         batch_id="b",
     )
     assert result.ok == (200 <= status < 300)
+
+
+def test_fast_job_has_the_instance_dict_of_a_constructed_one() -> None:
+    """A parsed job's __dict__ (vars(job)) is what BatchJob(...) builds, keys in field order."""
+    job = structure(REAL_JOB, BatchJob)
+    constructed = BatchJob(
+        **{field.name: getattr(job, field.name) for field in attrs.fields(BatchJob)}
+    )
+    assert list(vars(job).items()) == list(vars(constructed).items())

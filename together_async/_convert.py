@@ -275,10 +275,12 @@ _FILE_FIELDS = _field_table(FileObject, _FILE_KEY_ALIASES)
 
 
 def _job_defaults() -> dict[str, Any]:
-    defaults = {field.name: field.default for field in attrs.fields(BatchJob) if field.name != "id"}
+    # Every field, "id" too (always overwritten), so a job's __dict__ keeps the field order
+    # that BatchJob(...) gives it.
+    defaults = {field.name: field.default for field in attrs.fields(BatchJob)}
     # Shared by every job built below: only immutable defaults, and nothing for __init__ to
     # run (no converter, validator or __attrs_post_init__). Checked here, at import.
-    if any(default is not None for default in defaults.values()) or any(
+    if any(default is not None for name, default in defaults.items() if name != "id") or any(
         field.converter is not None or field.validator is not None
         for field in attrs.fields(BatchJob)
     ):
