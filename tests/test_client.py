@@ -417,6 +417,28 @@ async def test_repr_str_errors_and_debug_logs_never_show_the_key(
     assert all(SECRET_KEY not in text for text in texts)
 
 
+async def test_client_attributes_never_show_the_key_after_a_call(
+    serve: Serve, make_client: MakeClient
+) -> None:
+    """After a request, the repr of the client's attributes (vars) holds no key either."""
+    server = await serve(batches_app(Recorder()))
+    client = make_client(server)
+    await client.batches.list_batches()
+    assert SECRET_KEY not in repr(vars(client))
+
+
+async def test_headers_a_request_changes_never_reach_the_next_one(
+    serve: Serve, make_client: MakeClient
+) -> None:
+    """Extra headers, or changes to the headers one request got, never reach the next one."""
+    client = make_client(await serve(batches_app(Recorder())))
+    url = client._url("batches")
+    first = client._headers_for(url, {"X-Extra": "1"})
+    first["Authorization"] = "changed"
+    again = client._headers_for(url)
+    assert again == {"User-Agent": again["User-Agent"], "Authorization": f"Bearer {SECRET_KEY}"}
+
+
 async def test_debug_log_names_each_request_and_its_answer(
     serve: Serve, make_client: MakeClient, caplog: pytest.LogCaptureFixture
 ) -> None:

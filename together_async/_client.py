@@ -49,6 +49,14 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
+class _APIHeaders(dict[str, str]):
+    """The headers of every API request, key included: kept on the client, so hidden from
+    repr (vars(client), a debugger's view). Its copy() is a plain dict."""
+
+    def __repr__(self) -> str:
+        return "<API headers: User-Agent, Authorization (hidden)>"
+
+
 class AsyncTogether:
     """An async client for Together's Batch API.
 
@@ -101,7 +109,7 @@ class AsyncTogether:
         self._config = config
         self._api_origin = APIOrigin(config.base_url)
         # Built on first use (the key is checked then): copied for every request to the API.
-        self._api_headers: dict[str, str] | None = None
+        self._api_headers: _APIHeaders | None = None
         self._caller_session = session
         self._own_session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
@@ -190,7 +198,9 @@ class AsyncTogether:
                     raise MissingAPIKeyError(
                         f"no API key: pass AsyncTogether(api_key=...) or set {API_KEY_ENV}"
                     )
-                api_headers = self._api_headers = {"User-Agent": user_agent(), **auth_headers(key)}
+                api_headers = self._api_headers = _APIHeaders(
+                    {"User-Agent": user_agent(), **auth_headers(key)}
+                )
             headers = api_headers.copy()
         else:
             headers = {"User-Agent": user_agent()}
