@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -355,6 +357,20 @@ def test_result_with_raw_line_repr_shows_the_body() -> None:
     """repr of a lazily decoded result shows the body, not the raw bytes."""
     lazy = result_from_row(orjson.loads(_OUTPUT_LINE), raw=_OUTPUT_LINE)
     assert "'content': 'hi'" in repr(lazy) and "raw" not in repr(lazy)
+
+
+def test_result_with_raw_line_survives_pickle() -> None:
+    """A result still holding its raw line keeps its body through pickle (multiprocessing)."""
+    lazy = result_from_row(orjson.loads(_OUTPUT_LINE), raw=_OUTPUT_LINE)
+    restored = pickle.loads(pickle.dumps(lazy))
+    assert restored.body == orjson.loads(_OUTPUT_LINE)["response"]["body"]
+    assert restored == lazy
+
+
+def test_result_with_raw_line_survives_deepcopy() -> None:
+    """copy.deepcopy of a result still holding its raw line keeps its body."""
+    lazy = result_from_row(orjson.loads(_OUTPUT_LINE), raw=_OUTPUT_LINE)
+    assert copy.deepcopy(lazy).text == "hi"
 
 
 def test_usage_of_row_reads_integer_counts_only() -> None:

@@ -237,7 +237,21 @@ class BatchRequest:
     url: str | None = None
 
 
-_UNREAD: Any = object()  # the body of a BatchResult that still holds its raw line
+class _Unread:
+    """The body of a BatchResult that still holds its raw line: one instance, `_UNREAD`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<body not decoded yet>"
+
+    def __reduce__(self) -> str:
+        # Pickle and copy give back the one instance, so a pickled or copied result still
+        # knows its body is unread (a bare object() came back as a new object: the body).
+        return "_UNREAD"
+
+
+_UNREAD: Any = _Unread()
 
 
 @attrs.frozen(kw_only=True, eq=False, repr=False)
