@@ -642,6 +642,27 @@ async def test_resume_does_not_adopt_a_job_made_before_the_create_intent(
     assert emulator.stats["POST", "/batches/{id}/cancel"] == 0
 
 
+async def test_resume_does_not_adopt_a_job_for_another_endpoint(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """A job on the shard's file id made after its create intent, but for another endpoint, is
+    not the shard's: the resume creates the shard's own job."""
+    state = tmp_path / "state.sqlite"
+    options: dict[str, Any] = {"requests": bodies(10), "model": "m", "state_path": state, **FAST}
+    async with client_of(emulator) as client:
+        await crash_before_creating(client, **options)
+        [crashed] = await recorded_shards(state)
+        assert crashed.file_id is not None
+        foreign = await client.batches.create_batch(
+            crashed.file_id, "/v1/completions", model_id="m"
+        )
+        results = await gather_batches(client, **options)
+    assert all(result.ok for result in results)
+    [shard] = await recorded_shards(state)
+    assert shard.batch_id not in (None, foreign.id)
+    assert emulator.stats.jobs_created[crashed.file_id] == 2
+
+
 async def test_resume_adopts_the_job_made_after_the_create_intent(
     emulator: Emulator, tmp_path: Path
 ) -> None:

@@ -686,17 +686,20 @@ class _Pipeline:
                 self._listing = listing
         # Uploads are deduplicated by checksum, so the file id can carry other jobs: those of a
         # follow-up's parent (identical bytes), owned by a known shard, and those of other runs
-        # over the same data, made before this shard's create intent. Neither is a match. The
-        # skew allows for the server's clock being behind ours, as create_batch's reconcile does.
+        # over the same data, made before this shard's create intent or for another endpoint.
+        # None is a match. The skew allows for the server's clock being behind ours, as
+        # create_batch's reconcile does.
         skew = timedelta(seconds=self._client.config.create_reconcile_skew)
         not_before = datetime.fromtimestamp(shard.step_recorded_at, tz=timezone.utc) - skew
+        endpoint = self._run._endpoint
         candidates = [
             job
             for job in self._listing.get(file_id, [])
             if job.id not in self._known_batch_ids
-            # A job that does not say when it was made counts, as in create_batch: adopting
-            # it risks less than billing a second job.
+            # A job that does not say when it was made, or for what, counts, as in
+            # create_batch: adopting it risks less than billing a second job.
             and (job.created_at is None or job.created_at >= not_before)
+            and (job.endpoint is None or job.endpoint == endpoint)
         ]
         if not candidates:
             return None
