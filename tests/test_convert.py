@@ -373,6 +373,25 @@ def test_result_with_raw_line_survives_deepcopy() -> None:
     assert copy.deepcopy(lazy).text == "hi"
 
 
+def test_result_unstructures_to_its_public_fields() -> None:
+    """unstructure gives a result's public fields, the body decoded even from a raw line."""
+    lazy = result_from_row(orjson.loads(_OUTPUT_LINE), raw=_OUTPUT_LINE, batch_id="b")
+    assert unstructure(lazy) == {
+        "custom_id": "r1",
+        "status_code": 200,
+        "body": orjson.loads(_OUTPUT_LINE)["response"]["body"],
+        "error_message": None,
+        "error_code": None,
+        "batch_id": "b",
+    }
+
+
+def test_result_round_trips_through_the_converter() -> None:
+    """structure(unstructure(result), BatchResult) gives back an equal result, body included."""
+    result = BatchResult(custom_id="a", status_code=400, body={"x": 1}, error_message="bad")
+    assert structure(unstructure(result), BatchResult) == result
+
+
 def test_usage_of_row_reads_integer_counts_only() -> None:
     """usage_of_row sums nothing but integer counts (booleans and nulls are skipped)."""
     row = {"custom_id": "a", "response": {"body": {"usage": {"a": 1, "b": True, "c": None}}}}

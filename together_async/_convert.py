@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import attrs
 import cattrs
-from cattrs.gen import make_dict_unstructure_fn, override
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 from cattrs.preconf.orjson import make_converter
 
 from ._errors import APIResponseValidationError
@@ -329,6 +329,31 @@ converter.register_unstructure_hook(
         converter,
         method=override(omit_if_default=True),
         url=override(omit_if_default=True),
+    ),
+)
+
+
+def _unstructure_result(result: BatchResult) -> dict[str, Any]:
+    # The public fields under their public names: never the raw line a result may keep, nor
+    # the placeholder of a body not decoded yet.
+    return {
+        "custom_id": result.custom_id,
+        "status_code": result.status_code,
+        "body": converter.unstructure(result.body),
+        "error_message": result.error_message,
+        "error_code": result.error_code,
+        "batch_id": result.batch_id,
+    }
+
+
+converter.register_unstructure_hook(BatchResult, _unstructure_result)
+converter.register_structure_hook(
+    BatchResult,
+    make_dict_structure_fn(
+        BatchResult,
+        converter,
+        _body=override(rename="body"),
+        _raw=override(omit=True),
     ),
 )
 
