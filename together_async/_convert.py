@@ -279,14 +279,16 @@ def _job_defaults() -> dict[str, Any]:
     # that BatchJob(...) gives it.
     defaults = {field.name: field.default for field in attrs.fields(BatchJob)}
     # Shared by every job built below: only immutable defaults, and nothing for __init__ to
-    # run (no converter, validator or __attrs_post_init__). Checked here, at import.
+    # run (no converter, validator, __attrs_pre_init__ or __attrs_post_init__). Checked here,
+    # at import.
     if any(default is not None for name, default in defaults.items() if name != "id") or any(
         field.converter is not None or field.validator is not None
         for field in attrs.fields(BatchJob)
     ):
         raise TypeError("BatchJob's fast construction needs None defaults and plain fields")
-    if hasattr(BatchJob, "__attrs_post_init__"):
-        raise TypeError("BatchJob's fast construction cannot run __attrs_post_init__")
+    for hook in ("__attrs_pre_init__", "__attrs_post_init__"):
+        if hasattr(BatchJob, hook):
+            raise TypeError(f"BatchJob's fast construction cannot run {hook}")
     return defaults
 
 
