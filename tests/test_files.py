@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import anyio.to_thread
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -26,6 +28,7 @@ from together_async import (
     NotFoundError,
     UnsafeURLError,
 )
+from together_async.files import _UploadSource
 
 pytestmark = pytest.mark.usefixtures("fast_retries")
 
@@ -466,3 +469,56 @@ async def test_breaking_out_early_releases_the_connection(
     async for _line in client.files.iter_lines("file-big"):
         break
     await asyncio.wait_for(disconnected.wait(), timeout=10)
+
+
+class _BlockingFile(io.RawIOBase):
+    """A seekable binary file whose reads wait until the test releases them."""
+
+    def __init__(self) -> None:
+        self.reading = threading.Event()
+        self.release = threading.Event()
+        self.reads_in_flight = 0
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._position = 10 * 1024 * 1024 if whence == io.SEEK_END else offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def read(self, size: int = -1) -> bytes:
+        self.reads_in_flight += 1
+        self.reading.set()
+        self.release.wait(10)
+        self.reads_in_flight -= 1
+        return b"x" * 1024
+
+
+async def test_body_stream_cancelled_mid_read_closes_after_the_read() -> None:
+    """A body stream cancelled while a read runs in a thread (aiohttp drops the body writer
+    when storage answers early) is closed after that read, never beside it: that raised
+    "generator already executing" and could crash CPython 3.11."""
+    blocking = _BlockingFile()
+    source = await _UploadSource.open(blocking, "batch.jsonl")
+    chunks = source.chunks()
+
+    async def send_body() -> None:
+        async for _chunk in chunks:
+            pass
+
+    sender = asyncio.create_task(send_body())
+    await anyio.to_thread.run_sync(blocking.reading.wait, 10)
+    sender.cancel()
+    # Let the cancelled stream try to close while the read is still blocked.
+    await asyncio.wait({sender}, timeout=0.3)
+    assert blocking.reads_in_flight == 1
+    blocking.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await sender

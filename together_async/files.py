@@ -14,6 +14,7 @@ import os
 import secrets
 import stat as stat_module
 import tempfile
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Generator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -170,16 +171,16 @@ class _UploadSource:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The bytes in chunks, each read in a worker thread; a fresh stream every call."""
-        iterator = self.iter_blocking()
+        reader = _ThreadChunks(self.iter_blocking())
         try:
             while True:
-                chunk = await anyio.to_thread.run_sync(next, iterator, None)
+                chunk = await anyio.to_thread.run_sync(reader.next)
                 if chunk is None:
                     return
                 yield chunk
         finally:
             # Closing the generator closes the file it holds open (in a thread: it may flush).
-            await anyio.to_thread.run_sync(iterator.close)
+            await anyio.to_thread.run_sync(reader.close)
 
     async def scan(self, *, validate: bool, endpoint: str | None) -> str:
         """One pass in a worker thread: the sha256 checksum, and the batch-file check when
@@ -201,6 +202,28 @@ class _UploadSource:
     async def aclose(self) -> None:
         if self._temporary and self._path is not None:
             await anyio.Path(self._path).unlink(missing_ok=True)
+
+
+class _ThreadChunks:
+    """A blocking chunk generator driven from worker threads, one call at a time.
+
+    aiohttp cancels a request's body writer natively when the server answers early (a 503
+    before the body is read), and that cancellation does not wait for the read running in a
+    thread: without the lock, close() then ran beside it, which raises "generator already
+    executing" and can crash CPython 3.11 (its close reads the running frame's stack).
+    """
+
+    def __init__(self, chunks: Generator[bytes, None, None]) -> None:
+        self._chunks = chunks
+        self._lock = threading.Lock()
+
+    def next(self) -> bytes | None:
+        with self._lock:
+            return next(self._chunks, None)
+
+    def close(self) -> None:
+        with self._lock:  # waits for a read still in flight
+            self._chunks.close()
 
 
 class Files:
