@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import pytest
 
 from together_async import InvalidArgumentError, ManifestMismatchError
@@ -258,3 +261,26 @@ async def test_recorded_steps_survive_a_killed_process(tmp_path: Path) -> None:
         await manifest.aclose()
     assert run is not None and run.fingerprint == "fp"
     assert (shard.step, shard.file_id) == (ShardStep.CREATING, "file-0")
+
+
+async def test_close_waits_for_a_write_left_running_by_a_cancelled_caller(tmp_path: Path) -> None:
+    """A caller cancelled natively mid-write leaves the write running in its thread; closing
+    the state file then waits for it instead of closing the connection beside it."""
+    manifest = await open_begun(tmp_path / "run.sqlite")
+    writing, release = threading.Event(), threading.Event()
+
+    def slow_write() -> None:
+        writing.set()
+        release.wait(10)
+        manifest._db().execute("UPDATE shards SET updated_at = updated_at")
+
+    writer = asyncio.create_task(manifest._call(slow_write))
+    await anyio.to_thread.run_sync(writing.wait, 10)
+    writer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writer  # the cancel does not wait for the thread
+    closer = asyncio.create_task(manifest.aclose())
+    done, _ = await asyncio.wait({closer}, timeout=0.3)
+    assert not done  # closing waits for the write still running
+    release.set()
+    await closer

@@ -27,6 +27,7 @@ import enum
 import os
 import sqlite3
 import sys
+import threading
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -270,8 +271,11 @@ class Manifest:
         self.path = path
         self.directory = Path(f"{path}.files")
         self._connection: sqlite3.Connection | None = connection
-        # SQLite calls are serialised: one connection, one worker thread at a time.
+        # SQLite calls are serialised: one connection, one worker thread at a time. The lock
+        # covers what the limiter cannot: a caller cancelled natively (asyncio's own cancel)
+        # gives the limiter back at once, while its call still runs in the thread.
         self._limiter = anyio.CapacityLimiter(1)
+        self._thread_lock = threading.Lock()
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str]) -> Manifest:
@@ -290,7 +294,7 @@ class Manifest:
         """Close the file and release its lock; safe to call twice."""
         connection, self._connection = self._connection, None
         if connection is not None:
-            await anyio.to_thread.run_sync(connection.close, limiter=self._limiter)
+            await anyio.to_thread.run_sync(self._locked, connection.close, limiter=self._limiter)
 
     async def begin(
         self,
@@ -393,7 +397,11 @@ class Manifest:
     # --- the worker-thread side ---------------------------------------------------------
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)
+        return await anyio.to_thread.run_sync(self._locked, function, *args, limiter=self._limiter)
+
+    def _locked(self, function: Callable[..., T], *args: Any) -> T:
+        with self._thread_lock:
+            return function(*args)
 
     def _db(self) -> sqlite3.Connection:
         if self._connection is None:
