@@ -392,6 +392,12 @@ def test_result_round_trips_through_the_converter() -> None:
     assert structure(unstructure(result), BatchResult) == result
 
 
+def test_result_usage_reads_integer_counts_only() -> None:
+    """BatchResult.usage skips booleans and nulls, as usage_of_row does."""
+    result = BatchResult(custom_id="a", status_code=200, body={"usage": {"a": 1, "b": True}})
+    assert result.usage == {"a": 1}
+
+
 def test_usage_of_row_reads_integer_counts_only() -> None:
     """usage_of_row sums nothing but integer counts (booleans and nulls are skipped)."""
     row = {"custom_id": "a", "response": {"body": {"usage": {"a": 1, "b": True, "c": None}}}}

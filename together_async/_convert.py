@@ -30,6 +30,7 @@ from ._models import (
     FileList,
     FileObject,
     FilePurpose,
+    usage_of_body,
 )
 
 __all__ = [
@@ -389,7 +390,6 @@ def unstructure(value: Any) -> Any:
     return converter.unstructure(value)
 
 
-_new_result = object.__new__
 # BatchResult's slots, written through their descriptors: for the hot path of every results
 # file, what BatchResult(...) does minus attrs' __init__ and object.__setattr__'s lookups (a
 # third of the time of building a result; tests/test_convert.py checks the two agree).
@@ -407,7 +407,7 @@ def ok_result(
 ) -> BatchResult:
     """A 2xx result with no error, as BatchResult(...) would build it (pass `_UNREAD` as the
     body with `raw`). For the hot paths, which have checked the row's shape themselves."""
-    result: BatchResult = _new_result(BatchResult)
+    result: BatchResult = _new_instance(BatchResult)
     _set_custom_id(result, custom_id)
     _set_status_code(result, status_code)
     _set_body(result, body)
@@ -486,19 +486,8 @@ def result_from_row(row: Any, batch_id: str | None = None, raw: bytes | None = N
 
 def usage_of_row(row: Any) -> dict[str, int]:
     """The token usage of a decoded output line (empty when it has none)."""
-    if isinstance(row, dict):
-        response = row.get("response")
-        if isinstance(response, dict):
-            body = response.get("body")
-            if isinstance(body, dict):
-                usage = body.get("usage")
-                if isinstance(usage, dict):
-                    return {
-                        key: value
-                        for key, value in usage.items()
-                        if isinstance(value, int) and not isinstance(value, bool)
-                    }
-    return {}
+    response = row.get("response") if isinstance(row, dict) else None
+    return usage_of_body(response.get("body") if isinstance(response, dict) else None)
 
 
 def _message_from_body(body: Any) -> str | None:

@@ -338,10 +338,16 @@ class BatchResult:
     @property
     def usage(self) -> dict[str, int]:
         """The response's token usage (empty when it has none)."""
-        body = self.body
-        if isinstance(body, dict) and isinstance(body.get("usage"), dict):
-            return {k: v for k, v in body["usage"].items() if isinstance(v, int)}
-        return {}
+        return usage_of_body(self.body)
+
+
+def usage_of_body(body: Any) -> dict[str, int]:
+    """The integer token counts of a response body's `usage` (booleans and nulls skipped)."""
+    if isinstance(body, dict):
+        usage = body.get("usage")
+        if isinstance(usage, dict):
+            return {key: value for key, value in usage.items() if type(value) is int}
+    return {}
 
 
 def _body_of_line(raw: bytes | None) -> Any:
