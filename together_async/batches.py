@@ -22,6 +22,7 @@ from ._models import BatchEndpoint, BatchJob, BatchResult
 from ._protocol import (
     decode_json,
     is_ambiguous_create_failure,
+    may_be_the_created_job,
     require_endpoint,
     require_id,
     unwrap_job,
@@ -151,18 +152,13 @@ class Batches:
     async def _find_created(
         self, file_id: str, endpoint: str, since: datetime, ignored: frozenset[str]
     ) -> BatchJob | None:
-        """The newest job on `file_id` and `endpoint` created at or after `since`, if any.
-
-        A job that does not say when it was made counts as a match: returning it risks less
-        than billing a second job.
-        """
+        """The newest job that may be this create's (`may_be_the_created_job`), if any."""
         candidates = [
             job
             for job in await self.list_batches()
-            if job.input_file_id == file_id
-            and job.id not in ignored
-            and (job.endpoint is None or job.endpoint == endpoint)
-            and (job.created_at is None or job.created_at >= since)
+            if may_be_the_created_job(
+                job, file_id=file_id, endpoint=endpoint, not_before=since, ignored=ignored
+            )
         ]
         if not candidates:
             return None

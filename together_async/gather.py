@@ -58,7 +58,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from ._errors import InvalidArgumentError, ManifestMismatchError, NotFoundError
 from ._jsonl import LineSplitter
 from ._models import BatchEndpoint, BatchJob, BatchResult
-from ._protocol import require_endpoint
+from ._protocol import may_be_the_created_job, require_endpoint
 from ._sharding import InputSharder, ShardAccounting, WrittenShard, ids_path
 from .manifest import Manifest, ShardRecord, ShardStep
 from .watch import BatchWatcher, JobObserver, PollSchedule
@@ -691,15 +691,17 @@ class _Pipeline:
         # create_batch's reconcile does.
         skew = timedelta(seconds=self._client.config.create_reconcile_skew)
         not_before = datetime.fromtimestamp(shard.step_recorded_at, tz=timezone.utc) - skew
-        endpoint = self._run._endpoint
+        known = frozenset(self._known_batch_ids)
         candidates = [
             job
             for job in self._listing.get(file_id, [])
-            if job.id not in self._known_batch_ids
-            # A job that does not say when it was made, or for what, counts, as in
-            # create_batch: adopting it risks less than billing a second job.
-            and (job.created_at is None or job.created_at >= not_before)
-            and (job.endpoint is None or job.endpoint == endpoint)
+            if may_be_the_created_job(
+                job,
+                file_id=file_id,
+                endpoint=self._run._endpoint,
+                not_before=not_before,
+                ignored=known,
+            )
         ]
         if not candidates:
             return None
