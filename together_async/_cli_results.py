@@ -8,6 +8,7 @@ when complete, so an interrupted run never leaves a truncated results file behin
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from array import array
@@ -27,10 +28,13 @@ __all__ = [
     "RowCounts",
     "RunSummary",
     "errors_path_for",
+    "remove_stale_staging",
     "render_summary",
     "result_row",
     "write_result_rows",
 ]
+
+logger = logging.getLogger("together_async.cli")
 
 _FLUSH_BYTES = 1024 * 1024
 
@@ -120,8 +124,57 @@ class _StagedFile(_BlockWriter):
         await self.remove()
 
 
+_STAGING_KINDS = ("spool", "partial")
+
+
 def _staging_path(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{kind}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_staging(path: Path) -> list[Path]:
+    """Delete the staging files (spool, partial) that a killed run left beside `path`.
+
+    Only files of processes that are gone: a run still writing beside the same output keeps
+    its own. Blocking: call it in a worker thread. Returns what was removed.
+    """
+    removed: list[Path] = []
+    prefix = f".{path.name}."
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid_text, _, kind = name[len(prefix) :].partition(".")
+        if kind not in _STAGING_KINDS or not pid_text.isdecimal():
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        stale = path.with_name(name)
+        try:
+            stale.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning("could not remove %s, left by an earlier run: %s", stale, exc)
+            continue
+        logger.info("removed %s, left by an earlier run that was killed", stale)
+        removed.append(stale)
+    return removed
 
 
 class InputOrderWriter:
@@ -144,7 +197,9 @@ class InputOrderWriter:
         self._failed_count = 0
 
     async def open(self) -> None:
-        """Create the spool file."""
+        """Create the spool file, after removing what a killed run left beside the outputs."""
+        for path in (self._output, self._errors_output):
+            await anyio.to_thread.run_sync(remove_stale_staging, path)
         await self._spool.open()
 
     async def add(self, position: int, result: BatchResult) -> None:

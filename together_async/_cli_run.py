@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import os
 import secrets
 import sys
 import time
@@ -22,6 +23,7 @@ import orjson
 
 from ._cli_results import InputOrderWriter, RunSummary, errors_path_for
 from ._client import AsyncTogether
+from ._errors import InvalidArgumentError
 from ._models import BatchEndpoint, BatchJob
 from .gather import BatchRun, BatchRunSummary
 from .progress import job_percent
@@ -31,6 +33,7 @@ __all__ = [
     "EMULATOR_LATENCY",
     "RunDisplay",
     "RunInterrupted",
+    "check_run_paths",
     "emulator_data_dir",
     "first_line_url",
     "interrupted_message",
@@ -121,6 +124,9 @@ async def run_batch_file(
     if not await anyio.Path(args.output).parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, "no such directory", str(args.output.parent))
     errors_output = errors_path_for(args.output)
+    await anyio.to_thread.run_sync(
+        check_run_paths, args.input, args.output, errors_output, args.state, args.emulator
+    )
     writer = InputOrderWriter(args.output, errors_output)
     run: BatchRun | None = None
     try:
@@ -161,6 +167,54 @@ async def run_batch_file(
         emulator=args.emulator,
         state=args.state,
     )
+
+
+def check_run_paths(
+    input: Path, output: Path, errors_output: Path, state: Path | None, emulator: bool
+) -> None:
+    """Refuse, before any work, outputs that would overwrite the input or the run's state.
+
+    Compared as resolved paths (symlinks followed) and by inode where both exist, so
+    `run x.jsonl -o ./x.jsonl` or a hard link to the input is caught too. Blocking: call it
+    in a worker thread.
+    """
+
+    def same(a: Path, b: Path) -> bool:
+        if a.resolve() == b.resolve():
+            return True
+        try:
+            return os.path.samefile(a, b)
+        except OSError:
+            return False
+
+    def inside(path: Path, directory: Path) -> bool:
+        return path.resolve().is_relative_to(directory.resolve())
+
+    for target, option in ((output, "-o/--output"), (errors_output, "the errors file")):
+        if same(target, input):
+            raise InvalidArgumentError(
+                f"{option} {target} is the input file: the results would overwrite it; "
+                "choose another output path"
+            )
+        if state is None:
+            continue
+        if same(target, state):
+            raise InvalidArgumentError(
+                f"{option} {target} is the --state file: choose another output path"
+            )
+        protected = [Path(f"{state}.files")]
+        if emulator:
+            protected.append(emulator_data_dir(state))
+        for directory in protected:
+            if inside(target, directory):
+                raise InvalidArgumentError(
+                    f"{option} {target} is inside {directory}, which the run keeps its "
+                    "files in: choose an output outside it"
+                )
+    if state is not None and same(state, input):
+        raise InvalidArgumentError(
+            f"--state {state} is the input file: choose another path for the run's state"
+        )
 
 
 async def _collect(run: BatchRun, writer: InputOrderWriter) -> None:
