@@ -337,6 +337,24 @@ async def test_errors_hide_a_key_the_server_echoes_back(
             assert leaks(error_texts(raised.value), KEY) == []
 
 
+@pytest.mark.parametrize("shape", ["json-string", "json-object", "html", "text"])
+async def test_an_error_body_the_server_echoed_the_key_into_is_kept_without_it(
+    shape: str, serve: Serve, tmp_path: Path
+) -> None:
+    """`exc.body` (what the server said, decoded) is scrubbed of the key like the message."""
+    api = await serve(echoing_api(shape, 400))
+    async with fast_client(str(api.make_url("/v1")), max_retries=0) as client:
+        for call in (
+            lambda: client.batches.get_batch("b1"),
+            lambda: client.files.retrieve_content("file-1", output=tmp_path),
+        ):
+            with pytest.raises(APIStatusError) as raised:
+                await call()
+            assert raised.value.body
+            assert KEY not in repr(raised.value.body)
+            assert "<api key>" in repr(raised.value.body)
+
+
 async def test_debug_logs_never_hold_the_key_over_a_faulty_flow(
     make_emulator: MakeEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

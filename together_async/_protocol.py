@@ -315,6 +315,17 @@ def _decode_error_body(body: bytes) -> tuple[Any, str | None]:
     return payload, _message_from_json(payload)
 
 
+def _scrubbed(value: Any, secret: str) -> Any:
+    """`value` (a decoded error body) with `secret` blanked out of every string in it."""
+    if isinstance(value, str):
+        return value.replace(secret, "<api key>")
+    if isinstance(value, dict):
+        return {_scrubbed(key, secret): _scrubbed(item, secret) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(item, secret) for item in value]
+    return value
+
+
 def _route(method: str, url: str) -> str:
     # The path only: a presigned URL's query string is a credential.
     return f"{method.upper()} {urlsplit(url).path or '/'}"
@@ -333,10 +344,12 @@ def error_from_response(
     """The exception for an error answer, with the server's message in all three body shapes:
     `{"error": "text"}`, `{"error": {"message": ...}}`, and non-JSON text or HTML.
 
-    `secret` (the API key) is blanked out of the message: some gateways echo the
-    Authorization header back in their error pages.
+    `secret` (the API key) is blanked out of the message and of the kept body: some
+    gateways echo the Authorization header back in their error pages.
     """
     decoded, message = _decode_error_body(body)
+    if secret and secret.encode() in body:
+        decoded = _scrubbed(decoded, secret)
     if message is None:
         try:
             message = HTTPStatus(status).phrase
