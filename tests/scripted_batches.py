@@ -21,7 +21,11 @@ FAST = {"poll_interval": 0.001, "max_interval": 0.004}
 
 
 def job(batch_id: str, status: str, progress: float | None = None) -> BatchJob:
-    return BatchJob(id=batch_id, status=BatchJobStatus(status), progress=progress)
+    """A job as polled; a COMPLETED one has an output file, as the API gives it."""
+    output = f"file-out-{batch_id}" if status == "COMPLETED" else None
+    return BatchJob(
+        id=batch_id, status=BatchJobStatus(status), progress=progress, output_file_id=output
+    )
 
 
 def server_error(status: int = 503, retry_after: float | None = None) -> Exception:

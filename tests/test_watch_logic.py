@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import anyio.lowlevel
+import attrs
 import pytest
 from scripted_batches import (
     FAST,
@@ -512,3 +514,33 @@ async def test_failed_polls_are_logged_at_info_only(
     assert "InternalServerError" in failures[0].getMessage()
     assert "retrying in 7.0 s" in failures[0].getMessage()
     assert all(r.levelno < logging.WARNING for r in caplog.records)
+
+
+async def test_watcher_matches_ids_the_list_spells_differently() -> None:
+    """A list that spells an id in another case or with spaces still ends that job's watch,
+    and the job comes out under the id it is watched by."""
+    spelled = [job(" B1 ", "IN_PROGRESS", 50), job(" B1 ", "COMPLETED", 100)]
+    batches = ScriptedBatches({"b1": spelled, "b2": ladder("b2")})
+    seen = await collect(stream_statuses(batches, ["b1", "b2"], **FAST))
+    assert {j.id for j in seen} == {"b1", "b2"}
+    assert [str(j.status) for j in seen if j.id == "b1"][-1] == "COMPLETED"
+    assert batches.count("get") <= 1  # b1 was matched in the list (only b2, alone, is got)
+
+
+class ListWithoutFiles(ScriptedBatches):
+    """A list whose entries leave out the result file ids, as a summary listing might."""
+
+    async def list_batches(self, *, max_retries: int | None = None) -> Sequence[BatchJob]:
+        listed = await super().list_batches(max_retries=max_retries)
+        return [attrs.evolve(j, output_file_id=None, error_file_id=None) for j in listed]
+
+
+async def test_a_completed_job_listed_without_files_is_read_again() -> None:
+    """The terminal state yielded is the one get_batch gives, with its output file."""
+    ids = ["b1", "b2"]
+    batches = ListWithoutFiles({batch_id: ladder(batch_id) for batch_id in ids})
+    seen = await collect(stream_statuses(batches, ids, **FAST))
+    finals = [j for j in seen if j.is_terminal]
+    assert sorted(j.id for j in finals) == ids
+    assert all(j.output_file_id == f"file-out-{j.id}" for j in finals)
+    assert batches.count("get") == 2

@@ -22,7 +22,7 @@ from ._errors import (
     StatusPollError,
     WaitTimeoutError,
 )
-from ._models import BatchJob
+from ._models import BatchJob, BatchJobStatus
 from ._protocol import is_retryable_status
 
 __all__ = [
@@ -150,6 +150,18 @@ def _check_batch_id(batch_id: object) -> str:
     if not isinstance(batch_id, str) or not batch_id.strip():
         raise InvalidArgumentError(f"a batch id must be a non-empty string, got {batch_id!r}")
     return batch_id
+
+
+def _loose_id(batch_id: str) -> str:
+    return batch_id.strip().casefold()
+
+
+def _lacks_result_files(job: BatchJob) -> bool:
+    """A COMPLETED job with neither an output nor an error file: a list entry may be a
+    summary that leaves them out, so the job is read on its own before that is believed."""
+    return job.status == BatchJobStatus.COMPLETED and not (
+        job.output_file_id or job.error_file_id
+    )
 
 
 def _change_key(job: BatchJob) -> tuple[object, ...]:
@@ -345,9 +357,21 @@ class BatchWatcher:
                     raise
                 failures.append(exc)
             else:
+                spelled: dict[str, str] | None = None
                 for job in listed:
-                    if job.id in self._unfinished:
-                        seen[job.id] = job
+                    batch_id = job.id
+                    if batch_id not in self._unfinished:
+                        # A server may spell an id differently in its list (case, spaces):
+                        # match it to the id we watch, or the job would never be seen.
+                        if spelled is None:
+                            spelled = {_loose_id(known): known for known in ids}
+                        found = spelled.get(_loose_id(batch_id))
+                        if found is None:
+                            continue
+                        batch_id = found
+                    if _lacks_result_files(job):
+                        continue  # re-read with get_batch below before it counts as final
+                    seen[batch_id] = job
                 missing = [batch_id for batch_id in ids if batch_id not in seen]
                 if missing:
                     logger.debug("%d watched jobs missing from the list", len(missing))
@@ -406,6 +430,10 @@ class BatchWatcher:
             job = seen.get(batch_id)
             if job is None:
                 continue
+            if job.id != batch_id:
+                # Yielded under the id it is watched by, so callers waiting on that id see it.
+                logger.debug("batch %s: the server calls it %r", batch_id, job.id)
+                job = attrs.evolve(job, id=batch_id)
             previous = self._latest.get(batch_id)
             if previous is None or _change_key(previous) != _change_key(job):
                 self._ready.append(job)
