@@ -11,6 +11,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import secrets
 import stat as stat_module
 import tempfile
@@ -548,11 +549,18 @@ class Files:
         self, file_id: str, *, max_retries: int | None
     ) -> AsyncGenerator[bytes, None]:
         """The bytes of `GET /files/{id}/content` in order, resuming after a dropped connection
-        with `Range: bytes=N-` (and skipping what we have if the server ignores the Range)."""
+        with `Range: bytes=N-` (and skipping what we have if the server ignores the Range).
+
+        The download is complete only at the length the server declared: a 200's
+        Content-Length, a 206's Content-Range total, or else the file object's `bytes`
+        (asked for only then). A body that ends early, even one delimited by the close of the
+        connection, is resumed like a drop; a drop after the last byte, or a 416 to a Range
+        starting at the end, is success."""
         client = self._client
         url = client._url("files", file_id, "content")
         attempts = client.config.attempts_for(max_retries)
         offset = 0
+        expected: int | None = None
         resumes = 0
         stalls = 0
         while True:
@@ -560,18 +568,38 @@ class Files:
             if offset:
                 headers["Range"] = f"bytes={offset}-"
             received_before = offset
-            dropped: APIConnectionError | None = None
+            cut: APIConnectionError | None = None
             async with AsyncExitStack() as stack:
                 # Opening is retried inside; a failure to open propagates from here.
                 response = await client._open_stream(
                     "GET",
                     url,
                     headers=headers,
-                    accept=frozenset({206}),
+                    accept=frozenset({206, 416}) if offset else frozenset({206}),
                     max_retries=max_retries,
                     stack=stack,
                 )
-                skip = _bytes_to_skip(response.status, response.headers, offset)
+                if response.status == 416:
+                    # Asked for bytes from `offset` and there are none: done if that is the end.
+                    total = _unsatisfied_range_total(response.headers)
+                    if expected is None:
+                        expected = total
+                    if expected is None:
+                        expected = await self._declared_size(file_id, max_retries)
+                    if expected == offset:
+                        return
+                    raise APIResponseValidationError(
+                        f"file {file_id}: the server refused a Range from byte {offset} "
+                        f"(416) before the end of the file"
+                    )
+                skip, total = _resumed_answer(response.status, response.headers, offset)
+                if expected is None:
+                    expected = total
+                elif total is not None and total != expected:
+                    raise APIResponseValidationError(
+                        f"file {file_id} changed during the download: {expected} bytes at "
+                        f"first, now {total}"
+                    )
                 try:
                     async for chunk in response.iter_chunks():
                         if skip:
@@ -581,31 +609,73 @@ class Files:
                             chunk = chunk[skip:]
                             skip = 0
                         offset += len(chunk)
+                        if expected is not None and offset > expected:
+                            raise APIResponseValidationError(
+                                f"file {file_id}: the server sent more than the {expected} "
+                                f"bytes it declared"
+                            )
                         yield chunk
                 except APIConnectionError as exc:
-                    dropped = exc
-            if dropped is None:
+                    cut = exc
+            if expected is None:
+                # No answer said how long the file is: an ended body may have been cut short,
+                # and a drop may have come after the last byte. The file object says.
+                expected = await self._declared_size(file_id, max_retries)
+                if expected is None and cut is None:
+                    return  # no length anywhere to measure against: the end is the end
+            if offset == expected:
                 return
+            if expected is not None and offset > expected:
+                raise APIResponseValidationError(
+                    f"file {file_id}: received {offset} bytes, the server declared {expected}"
+                )
+            if cut is None:
+                cut = APIConnectionError(
+                    f"file {file_id}: the body ended at byte {offset} of {expected}"
+                )
+            # With no length known at all, the resumed answer tells: 206, or 416 at the end.
             resumes += 1
             stalls = 0 if offset > received_before else stalls + 1
             if stalls >= attempts or resumes > MAX_DOWNLOAD_RESUMES:
-                raise dropped
-            logger.info(
-                "file %s: connection lost at byte %d (%s); resuming", file_id, offset, dropped
-            )
+                raise cut
+            logger.info("file %s: connection lost at byte %d (%s); resuming", file_id, offset, cut)
+
+    async def _declared_size(self, file_id: str, max_retries: int | None) -> int | None:
+        """The file's `bytes` as the API reports it, when no answer said how long it is."""
+        size = (await self.retrieve(file_id, max_retries=max_retries)).bytes
+        return size if isinstance(size, int) and size >= 0 else None
 
 
-def _bytes_to_skip(status: int, headers: Any, offset: int) -> int:
-    """How much of a resumed answer we already have: none for a matching 206, all of it up to
-    `offset` when the server ignored the Range and sent the whole file again."""
-    if offset == 0:
-        return 0
+_UNSATISFIED_RANGE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
+
+
+def _unsatisfied_range_total(headers: Any) -> int | None:
+    """The file's length from a 416's `Content-Range: bytes */LENGTH`, if it says."""
+    match = _UNSATISFIED_RANGE.match(get_header(headers, "content-range") or "")
+    return int(match.group(1)) if match else None
+
+
+def _resumed_answer(status: int, headers: Any, offset: int) -> tuple[int, int | None]:
+    """How much of an answer we already have, and the file's whole length if it says.
+
+    Nothing to skip for a matching 206; everything up to `offset` when the server ignored the
+    Range and sent the whole file again. A 206 to a request without Range is refused: it is
+    not the whole file, whatever its Content-Range says."""
+    length = get_header(headers, "content-length")
+    declared = int(length) if length is not None and length.strip().isdigit() else None
     if status != 206:
-        return offset
+        return offset, declared
     content_range = parse_content_range(get_header(headers, "content-range"))
+    if offset == 0:
+        raise APIResponseValidationError(
+            "the server answered 206 (partial content) to a request for the whole file"
+        )
     if content_range is None or content_range[0] > offset:
         raise APIResponseValidationError(
             f"resuming at byte {offset}: the server answered 206 with Content-Range "
             f"{get_header(headers, 'content-range')!r}"
         )
-    return offset - content_range[0]
+    start, _end, total = content_range
+    if total is None and declared is not None:
+        total = start + declared
+    return offset - start, total
