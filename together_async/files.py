@@ -473,41 +473,86 @@ class Files:
         `<directory>/<id>.jsonl`).
 
         The bytes go to a temporary file beside the target, renamed into place only once
-        complete, so `output` is never left half-written. A connection that drops mid-body
-        is resumed with a Range request.
+        complete, so `output` is never left half-written; a symlink is followed, not
+        replaced. An existing target that is not a regular file (`/dev/null`, a FIFO, a
+        terminal) is written into directly, as `open(output, "wb")` would. A connection that
+        drops mid-body is resumed with a Range request. An id that cannot be a file name
+        (a path separator, NUL) is refused when it would name the file.
 
         Example:
             downloaded = await client.files.retrieve_content(job.output_file_id)
         """
         file_id = require_id(id, "file id")
-        target = Path(output) if output is not None else Path(f"{file_id}.jsonl")
-        if await anyio.Path(target).is_dir():
-            target = target / f"{file_id}.jsonl"
-        if not await anyio.Path(target.parent).is_dir():
-            raise InvalidArgumentError(f"output directory {target.parent} does not exist")
-        partial_path = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
-        size = 0
+        given = _output_path(output)
         try:
-            async with await anyio.open_file(partial_path, "wb") as sink:
-                pending = bytearray()
-                chunks = self._content_chunks(file_id, max_retries=max_retries)
-                async with contextlib.aclosing(chunks):
-                    async for chunk in chunks:
-                        pending += chunk
-                        size += len(chunk)
-                        if len(pending) >= CHUNK_SIZE:
-                            await sink.write(bytes(pending))
-                            pending.clear()
-                if pending:
-                    await sink.write(bytes(pending))
-                await sink.flush()
-                await anyio.to_thread.run_sync(os.fsync, sink.wrapped.fileno())
-            await anyio.Path(partial_path).replace(target)
-        except BaseException:
+            if given is None:
+                target = Path(_local_name(file_id))
+            elif await anyio.Path(given).is_dir():
+                target = given / _local_name(file_id)
+            else:
+                target = given
+            try:
+                mode = (await anyio.Path(target).stat()).st_mode
+            except FileNotFoundError:
+                mode = None
+        except (OSError, ValueError) as exc:
+            raise InvalidArgumentError(f"cannot write to {given}: {exc}") from exc
+        if mode is not None and stat_module.S_ISDIR(mode):
+            raise InvalidArgumentError(f"cannot write to {target}: it is a directory")
+        if mode is not None and not stat_module.S_ISREG(mode):
+            try:
+                size = await self._stream_into(file_id, target, max_retries=max_retries)
+            except OSError as exc:
+                raise TogetherError(f"writing {target}: {exc.strerror or exc}") from exc
+            return DownloadedFile(id=file_id, path=target, bytes=size)
+        # Through a symlink to its file: renaming onto the link would replace the link.
+        real = Path(await anyio.to_thread.run_sync(os.path.realpath, target))
+        if not await anyio.Path(real.parent).is_dir():
+            raise InvalidArgumentError(f"output directory {target.parent} does not exist")
+        partial_path = real.with_name(f".{real.name}.{secrets.token_hex(4)}.part")
+        try:
+            size = await self._stream_into(file_id, partial_path, max_retries=max_retries)
+            await anyio.Path(partial_path).replace(real)
+        except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await anyio.Path(partial_path).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise TogetherError(f"writing {target}: {exc.strerror or exc}") from exc
             raise
         return DownloadedFile(id=file_id, path=target, bytes=size)
+
+    async def _stream_into(self, file_id: str, path: Path, *, max_retries: int | None) -> int:
+        """Write the content into `path` (created or truncated; a device or FIFO is just
+        opened), flushed to disk if it is a regular file; the number of bytes."""
+        size = 0
+        async with await anyio.open_file(path, "wb") as sink:
+            pending = bytearray()
+            chunks = self._content_chunks(file_id, max_retries=max_retries)
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    pending += chunk
+                    size += len(chunk)
+                    if len(pending) >= CHUNK_SIZE:
+                        await sink.write(bytes(pending))
+                        pending.clear()
+            if pending:
+                await sink.write(bytes(pending))
+            await sink.flush()
+            fileno = sink.wrapped.fileno()
+            if stat_module.S_ISREG((await anyio.to_thread.run_sync(os.fstat, fileno)).st_mode):
+                await anyio.to_thread.run_sync(os.fsync, fileno)
+        return size
+
+    def iter_bytes(self, id: str, *, max_retries: int | None = None) -> AsyncGenerator[bytes, None]:
+        """The raw bytes of a remote file as they arrive, in chunks of up to ~1 MiB, verified
+        and resumed like `retrieve_content` (for writing to a pipe or stdout, say).
+
+        Example:
+            async with contextlib.aclosing(client.files.iter_bytes(file_id)) as chunks:
+                async for chunk in chunks: ...
+        """
+        file_id = require_id(id, "file id")
+        return self._content_chunks(file_id, max_retries=max_retries)
 
     def iter_lines(self, id: str, *, max_retries: int | None = None) -> AsyncIterator[bytes]:
         """The lines of a remote file as they arrive (without line endings), resuming with
@@ -644,6 +689,36 @@ class Files:
         """The file's `bytes` as the API reports it, when no answer said how long it is."""
         size = (await self.retrieve(file_id, max_retries=max_retries)).bytes
         return size if isinstance(size, int) and size >= 0 else None
+
+
+def _output_path(output: object) -> Path | None:
+    """`output` as a Path. The string `-` is refused rather than taken as a file name: it is
+    the shell's spelling of stdout, which the CLI handles (the library has iter_bytes)."""
+    if output is None:
+        return None
+    if not isinstance(output, (str, os.PathLike)):
+        raise InvalidArgumentError(f"output must be a path, got {type(output).__name__}")
+    if output == "-":
+        raise InvalidArgumentError(
+            "output '-' is not stdout here: stream files.iter_bytes() to it (or pass "
+            "Path('-') for a file named '-')"
+        )
+    path = os.fspath(output)
+    if not isinstance(path, str):
+        raise InvalidArgumentError("output must be a str path, not bytes")
+    if not path:
+        raise InvalidArgumentError("output must not be empty")
+    return Path(path)
+
+
+def _local_name(file_id: str) -> str:
+    """`<id>.jsonl`, refusing an id that would step out of the directory or cannot be a name."""
+    if any(bad in file_id for bad in ("/", "\\", "\0")):
+        raise InvalidArgumentError(
+            f"file id {file_id!r} cannot be used as a file name (it has a path separator or "
+            f"NUL): pass output= the file path to write"
+        )
+    return f"{file_id}.jsonl"
 
 
 _UNSATISFIED_RANGE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
