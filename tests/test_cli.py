@@ -553,6 +553,27 @@ def test_files_download_to_stdout(tmp_path: Path, served: ServedEmulator) -> Non
     assert download.stdout == (tmp_path / "in.jsonl").read_text()
 
 
+def test_files_download_dash_is_byte_exact_stdout(tmp_path: Path, served: ServedEmulator) -> None:
+    """`files download ID -o -` writes the stored bytes to stdout unchanged: CRLF line endings,
+    no final newline, non-UTF-8 bytes."""
+    content = b'{"custom_id": "a"}\r\n{"custom_id": "b"}\r\n\xff\x00tail' * 20_000
+    (tmp_path / "crlf.jsonl").write_bytes(content)
+    upload = cli(
+        "files", "upload", "crlf.jsonl", "--no-check", "--json", *connection(served),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert upload.returncode == 0, upload.stderr
+    file_id = json.loads(upload.stdout)["id"]
+    download = subprocess.run(
+        [sys.executable, "-m", "together_async", "files", "download", file_id, "-o", "-",
+         *connection(served)],
+        cwd=tmp_path, env=_clean_env(), capture_output=True, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    assert download.returncode == 0, download.stderr
+    assert download.stdout == content
+    assert not (tmp_path / "-").exists()
+
+
 def test_batches_subcommands(
     tmp_path: Path, served: ServedEmulator, capsys: pytest.CaptureFixture[str]
 ) -> None:

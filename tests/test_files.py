@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
+import stat
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -421,6 +423,100 @@ async def test_download_into_a_missing_directory_is_refused(
     with pytest.raises(InvalidArgumentError, match="does not exist"):
         await client.files.retrieve_content(file_id, output=tmp_path / "no" / "out.jsonl")
     assert fake.api.requests == []
+
+
+async def test_download_into_dev_null_writes_into_it(
+    fake: FakeFiles, client: AsyncTogether
+) -> None:
+    """/dev/null as output is written into (not replaced by a renamed regular file)."""
+    file_id = fake.add_file(DATA)
+    downloaded = await client.files.retrieve_content(file_id, output="/dev/null")
+    assert downloaded.bytes == len(DATA) and downloaded.path == Path("/dev/null")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+async def test_download_into_a_fifo_feeds_its_reader(
+    fake: FakeFiles, client: AsyncTogether, tmp_path: Path
+) -> None:
+    """A FIFO as output is opened and written into: its reader gets every byte, and the FIFO
+    is still a FIFO afterwards."""
+    content = batch_lines(3000)
+    file_id = fake.add_file(content)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+
+    def read_all() -> None:
+        with open(fifo, "rb") as pipe:
+            received.append(pipe.read())
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    try:
+        downloaded = await client.files.retrieve_content(file_id, output=fifo)
+    finally:
+        await anyio.to_thread.run_sync(reader.join, 10)
+    assert received == [content] and downloaded.bytes == len(content)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert names_in(tmp_path) == ["pipe"]
+
+
+async def test_download_through_a_symlink_keeps_the_link(
+    fake: FakeFiles, client: AsyncTogether, tmp_path: Path
+) -> None:
+    """A symlink as output gets its target written; the link itself is not replaced."""
+    file_id = fake.add_file(DATA)
+    real = tmp_path / "real.jsonl"
+    real.write_bytes(b"old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    await client.files.retrieve_content(file_id, output=link)
+    assert link.is_symlink() and real.read_bytes() == DATA
+    assert names_in(tmp_path) == ["link.jsonl", "real.jsonl"]
+
+
+@pytest.mark.parametrize("hostile", ["../evil", "/tmp/evil", "sub/evil", "..\\evil", "a\0b"])
+async def test_hostile_id_never_escapes_the_output_directory(
+    fake: FakeFiles, client: AsyncTogether, tmp_path: Path, hostile: str
+) -> None:
+    """An id with a path separator or NUL, used to name the file in a directory, is refused
+    with InvalidArgumentError before any request; nothing is written anywhere."""
+    fake.files[hostile] = {"id": hostile, "bytes": len(DATA)}
+    fake.contents[hostile] = DATA
+    inner = tmp_path / "out"
+    inner.mkdir()
+    with pytest.raises(InvalidArgumentError, match="cannot be used as a file name"):
+        await client.files.retrieve_content(hostile, output=inner)
+    assert fake.api.requests == []
+    assert names_in(tmp_path) == ["out"] and names_in(inner) == []
+
+
+async def test_hostile_id_is_refused_for_the_default_output(
+    fake: FakeFiles, client: AsyncTogether, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no output (./<id>.jsonl) an id like ../x is refused too."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidArgumentError, match="cannot be used as a file name"):
+        await client.files.retrieve_content("../escape")
+    assert fake.api.requests == []
+
+
+async def test_dash_output_is_refused_in_the_library(
+    fake: FakeFiles, client: AsyncTogether
+) -> None:
+    """output="-" is refused clearly (stdout is for iter_bytes), not written as a file '-'."""
+    file_id = fake.add_file(DATA)
+    with pytest.raises(InvalidArgumentError, match="iter_bytes"):
+        await client.files.retrieve_content(file_id, output="-")
+    assert fake.api.requests == []
+
+
+async def test_iter_bytes_gives_the_exact_bytes(fake: FakeFiles, client: AsyncTogether) -> None:
+    """iter_bytes yields the stored bytes unchanged (CRLF, no final newline)."""
+    content = b"a\r\nbb\r\n\x00\xff" * 1000
+    file_id = fake.add_file(content)
+    fake.drop_after = [len(content) // 2]
+    assert b"".join([chunk async for chunk in client.files.iter_bytes(file_id)]) == content
 
 
 async def test_iter_lines_streams_the_remote_lines(fake: FakeFiles, client: AsyncTogether) -> None:

@@ -308,7 +308,7 @@ def _add_files_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     download = actions.add_parser("download", parents=[common], help="download a file's content")
     download.add_argument("file_id", metavar="FILE_ID")
     download.add_argument(
-        "-o", "--output", type=Path, metavar="PATH", help="write here (default: stdout)"
+        "-o", "--output", type=Path, metavar="PATH", help="write here ('-' or default: stdout)"
     )
     download.set_defaults(handler=_cmd_files_download)
 
@@ -562,7 +562,7 @@ async def _cmd_files_delete(args: argparse.Namespace) -> int:
 
 async def _cmd_files_download(args: argparse.Namespace) -> int:
     async with _open_client(args) as client:
-        if args.output is not None:
+        if args.output is not None and str(args.output) != "-":
             downloaded = await client.files.retrieve_content(args.file_id, output=args.output)
             await _emit(
                 args,
@@ -570,18 +570,12 @@ async def _cmd_files_download(args: argparse.Namespace) -> int:
                 f"wrote {downloaded.bytes:,} bytes to {downloaded.path}",
             )
             return EXIT_OK
-        # Raw content to stdout, a block of lines at a time.
+        # The bytes exactly as stored (CRLF, no final newline, binary), a chunk at a time.
         stdout = anyio.wrap_file(sys.stdout.buffer)
-        pending: list[bytes] = []
-        size = 0
-        async for line in client.files.iter_lines(args.file_id):
-            pending.append(line)
-            size += len(line) + 1
-            if size >= 1024 * 1024:
-                await stdout.write(b"\n".join(pending) + b"\n")
-                pending, size = [], 0
-        if pending:
-            await stdout.write(b"\n".join(pending) + b"\n")
+        chunks = client.files.iter_bytes(args.file_id)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                await stdout.write(chunk)
         await stdout.flush()
     return EXIT_OK
 

@@ -11,6 +11,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import secrets
 import stat as stat_module
 import tempfile
@@ -472,41 +473,86 @@ class Files:
         `<directory>/<id>.jsonl`).
 
         The bytes go to a temporary file beside the target, renamed into place only once
-        complete, so `output` is never left half-written. A connection that drops mid-body
-        is resumed with a Range request.
+        complete, so `output` is never left half-written; a symlink is followed, not
+        replaced. An existing target that is not a regular file (`/dev/null`, a FIFO, a
+        terminal) is written into directly, as `open(output, "wb")` would. A connection that
+        drops mid-body is resumed with a Range request. An id that cannot be a file name
+        (a path separator, NUL) is refused when it would name the file.
 
         Example:
             downloaded = await client.files.retrieve_content(job.output_file_id)
         """
         file_id = require_id(id, "file id")
-        target = Path(output) if output is not None else Path(f"{file_id}.jsonl")
-        if await anyio.Path(target).is_dir():
-            target = target / f"{file_id}.jsonl"
-        if not await anyio.Path(target.parent).is_dir():
-            raise InvalidArgumentError(f"output directory {target.parent} does not exist")
-        partial_path = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
-        size = 0
+        given = _output_path(output)
         try:
-            async with await anyio.open_file(partial_path, "wb") as sink:
-                pending = bytearray()
-                chunks = self._content_chunks(file_id, max_retries=max_retries)
-                async with contextlib.aclosing(chunks):
-                    async for chunk in chunks:
-                        pending += chunk
-                        size += len(chunk)
-                        if len(pending) >= CHUNK_SIZE:
-                            await sink.write(bytes(pending))
-                            pending.clear()
-                if pending:
-                    await sink.write(bytes(pending))
-                await sink.flush()
-                await anyio.to_thread.run_sync(os.fsync, sink.wrapped.fileno())
-            await anyio.Path(partial_path).replace(target)
-        except BaseException:
+            if given is None:
+                target = Path(_local_name(file_id))
+            elif await anyio.Path(given).is_dir():
+                target = given / _local_name(file_id)
+            else:
+                target = given
+            try:
+                mode = (await anyio.Path(target).stat()).st_mode
+            except FileNotFoundError:
+                mode = None
+        except (OSError, ValueError) as exc:
+            raise InvalidArgumentError(f"cannot write to {given}: {exc}") from exc
+        if mode is not None and stat_module.S_ISDIR(mode):
+            raise InvalidArgumentError(f"cannot write to {target}: it is a directory")
+        if mode is not None and not stat_module.S_ISREG(mode):
+            try:
+                size = await self._stream_into(file_id, target, max_retries=max_retries)
+            except OSError as exc:
+                raise TogetherError(f"writing {target}: {exc.strerror or exc}") from exc
+            return DownloadedFile(id=file_id, path=target, bytes=size)
+        # Through a symlink to its file: renaming onto the link would replace the link.
+        real = Path(await anyio.to_thread.run_sync(os.path.realpath, target))
+        if not await anyio.Path(real.parent).is_dir():
+            raise InvalidArgumentError(f"output directory {target.parent} does not exist")
+        partial_path = real.with_name(f".{real.name}.{secrets.token_hex(4)}.part")
+        try:
+            size = await self._stream_into(file_id, partial_path, max_retries=max_retries)
+            await anyio.Path(partial_path).replace(real)
+        except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await anyio.Path(partial_path).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise TogetherError(f"writing {target}: {exc.strerror or exc}") from exc
             raise
         return DownloadedFile(id=file_id, path=target, bytes=size)
+
+    async def _stream_into(self, file_id: str, path: Path, *, max_retries: int | None) -> int:
+        """Write the content into `path` (created or truncated; a device or FIFO is just
+        opened), flushed to disk if it is a regular file; the number of bytes."""
+        size = 0
+        async with await anyio.open_file(path, "wb") as sink:
+            pending = bytearray()
+            chunks = self._content_chunks(file_id, max_retries=max_retries)
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    pending += chunk
+                    size += len(chunk)
+                    if len(pending) >= CHUNK_SIZE:
+                        await sink.write(bytes(pending))
+                        pending.clear()
+            if pending:
+                await sink.write(bytes(pending))
+            await sink.flush()
+            fileno = sink.wrapped.fileno()
+            if stat_module.S_ISREG((await anyio.to_thread.run_sync(os.fstat, fileno)).st_mode):
+                await anyio.to_thread.run_sync(os.fsync, fileno)
+        return size
+
+    def iter_bytes(self, id: str, *, max_retries: int | None = None) -> AsyncGenerator[bytes, None]:
+        """The raw bytes of a remote file as they arrive, in chunks of up to ~1 MiB, verified
+        and resumed like `retrieve_content` (for writing to a pipe or stdout, say).
+
+        Example:
+            async with contextlib.aclosing(client.files.iter_bytes(file_id)) as chunks:
+                async for chunk in chunks: ...
+        """
+        file_id = require_id(id, "file id")
+        return self._content_chunks(file_id, max_retries=max_retries)
 
     def iter_lines(self, id: str, *, max_retries: int | None = None) -> AsyncIterator[bytes]:
         """The lines of a remote file as they arrive (without line endings), resuming with
@@ -548,11 +594,18 @@ class Files:
         self, file_id: str, *, max_retries: int | None
     ) -> AsyncGenerator[bytes, None]:
         """The bytes of `GET /files/{id}/content` in order, resuming after a dropped connection
-        with `Range: bytes=N-` (and skipping what we have if the server ignores the Range)."""
+        with `Range: bytes=N-` (and skipping what we have if the server ignores the Range).
+
+        The download is complete only at the length the server declared: a 200's
+        Content-Length, a 206's Content-Range total, or else the file object's `bytes`
+        (asked for only then). A body that ends early, even one delimited by the close of the
+        connection, is resumed like a drop; a drop after the last byte, or a 416 to a Range
+        starting at the end, is success."""
         client = self._client
         url = client._url("files", file_id, "content")
         attempts = client.config.attempts_for(max_retries)
         offset = 0
+        expected: int | None = None
         resumes = 0
         stalls = 0
         while True:
@@ -560,18 +613,38 @@ class Files:
             if offset:
                 headers["Range"] = f"bytes={offset}-"
             received_before = offset
-            dropped: APIConnectionError | None = None
+            cut: APIConnectionError | None = None
             async with AsyncExitStack() as stack:
                 # Opening is retried inside; a failure to open propagates from here.
                 response = await client._open_stream(
                     "GET",
                     url,
                     headers=headers,
-                    accept=frozenset({206}),
+                    accept=frozenset({206, 416}) if offset else frozenset({206}),
                     max_retries=max_retries,
                     stack=stack,
                 )
-                skip = _bytes_to_skip(response.status, response.headers, offset)
+                if response.status == 416:
+                    # Asked for bytes from `offset` and there are none: done if that is the end.
+                    total = _unsatisfied_range_total(response.headers)
+                    if expected is None:
+                        expected = total
+                    if expected is None:
+                        expected = await self._declared_size(file_id, max_retries)
+                    if expected == offset:
+                        return
+                    raise APIResponseValidationError(
+                        f"file {file_id}: the server refused a Range from byte {offset} "
+                        f"(416) before the end of the file"
+                    )
+                skip, total = _resumed_answer(response.status, response.headers, offset)
+                if expected is None:
+                    expected = total
+                elif total is not None and total != expected:
+                    raise APIResponseValidationError(
+                        f"file {file_id} changed during the download: {expected} bytes at "
+                        f"first, now {total}"
+                    )
                 try:
                     async for chunk in response.iter_chunks():
                         if skip:
@@ -581,31 +654,103 @@ class Files:
                             chunk = chunk[skip:]
                             skip = 0
                         offset += len(chunk)
+                        if expected is not None and offset > expected:
+                            raise APIResponseValidationError(
+                                f"file {file_id}: the server sent more than the {expected} "
+                                f"bytes it declared"
+                            )
                         yield chunk
                 except APIConnectionError as exc:
-                    dropped = exc
-            if dropped is None:
+                    cut = exc
+            if expected is None:
+                # No answer said how long the file is: an ended body may have been cut short,
+                # and a drop may have come after the last byte. The file object says.
+                expected = await self._declared_size(file_id, max_retries)
+                if expected is None and cut is None:
+                    return  # no length anywhere to measure against: the end is the end
+            if offset == expected:
                 return
+            if expected is not None and offset > expected:
+                raise APIResponseValidationError(
+                    f"file {file_id}: received {offset} bytes, the server declared {expected}"
+                )
+            if cut is None:
+                cut = APIConnectionError(
+                    f"file {file_id}: the body ended at byte {offset} of {expected}"
+                )
+            # With no length known at all, the resumed answer tells: 206, or 416 at the end.
             resumes += 1
             stalls = 0 if offset > received_before else stalls + 1
             if stalls >= attempts or resumes > MAX_DOWNLOAD_RESUMES:
-                raise dropped
-            logger.info(
-                "file %s: connection lost at byte %d (%s); resuming", file_id, offset, dropped
-            )
+                raise cut
+            logger.info("file %s: connection lost at byte %d (%s); resuming", file_id, offset, cut)
+
+    async def _declared_size(self, file_id: str, max_retries: int | None) -> int | None:
+        """The file's `bytes` as the API reports it, when no answer said how long it is."""
+        size = (await self.retrieve(file_id, max_retries=max_retries)).bytes
+        return size if isinstance(size, int) and size >= 0 else None
 
 
-def _bytes_to_skip(status: int, headers: Any, offset: int) -> int:
-    """How much of a resumed answer we already have: none for a matching 206, all of it up to
-    `offset` when the server ignored the Range and sent the whole file again."""
-    if offset == 0:
-        return 0
+def _output_path(output: object) -> Path | None:
+    """`output` as a Path. The string `-` is refused rather than taken as a file name: it is
+    the shell's spelling of stdout, which the CLI handles (the library has iter_bytes)."""
+    if output is None:
+        return None
+    if not isinstance(output, (str, os.PathLike)):
+        raise InvalidArgumentError(f"output must be a path, got {type(output).__name__}")
+    if output == "-":
+        raise InvalidArgumentError(
+            "output '-' is not stdout here: stream files.iter_bytes() to it (or pass "
+            "Path('-') for a file named '-')"
+        )
+    path = os.fspath(output)
+    if not isinstance(path, str):
+        raise InvalidArgumentError("output must be a str path, not bytes")
+    if not path:
+        raise InvalidArgumentError("output must not be empty")
+    return Path(path)
+
+
+def _local_name(file_id: str) -> str:
+    """`<id>.jsonl`, refusing an id that would step out of the directory or cannot be a name."""
+    if any(bad in file_id for bad in ("/", "\\", "\0")):
+        raise InvalidArgumentError(
+            f"file id {file_id!r} cannot be used as a file name (it has a path separator or "
+            f"NUL): pass output= the file path to write"
+        )
+    return f"{file_id}.jsonl"
+
+
+_UNSATISFIED_RANGE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
+
+
+def _unsatisfied_range_total(headers: Any) -> int | None:
+    """The file's length from a 416's `Content-Range: bytes */LENGTH`, if it says."""
+    match = _UNSATISFIED_RANGE.match(get_header(headers, "content-range") or "")
+    return int(match.group(1)) if match else None
+
+
+def _resumed_answer(status: int, headers: Any, offset: int) -> tuple[int, int | None]:
+    """How much of an answer we already have, and the file's whole length if it says.
+
+    Nothing to skip for a matching 206; everything up to `offset` when the server ignored the
+    Range and sent the whole file again. A 206 to a request without Range is refused: it is
+    not the whole file, whatever its Content-Range says."""
+    length = get_header(headers, "content-length")
+    declared = int(length) if length is not None and length.strip().isdigit() else None
     if status != 206:
-        return offset
+        return offset, declared
     content_range = parse_content_range(get_header(headers, "content-range"))
+    if offset == 0:
+        raise APIResponseValidationError(
+            "the server answered 206 (partial content) to a request for the whole file"
+        )
     if content_range is None or content_range[0] > offset:
         raise APIResponseValidationError(
             f"resuming at byte {offset}: the server answered 206 with Content-Range "
             f"{get_header(headers, 'content-range')!r}"
         )
-    return offset - content_range[0]
+    start, _end, total = content_range
+    if total is None and declared is not None:
+        total = start + declared
+    return offset - start, total
