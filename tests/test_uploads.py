@@ -4,6 +4,9 @@ the check and the PUT is caught, promptly)."""
 
 from __future__ import annotations
 
+import io
+import tempfile
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -152,3 +155,88 @@ async def test_file_grown_after_the_check_uploads_the_checked_bytes(
     client = make_client(fake.api_server)
     uploaded = await client.files.upload(batch_file)
     assert fake.contents[uploaded.id] == DATA
+
+
+# ---- a cancelled upload of a non-seekable stream leaves no spool ---------------------------
+
+
+class Stream(io.RawIOBase):
+    """A non-seekable binary stream (a pipe, say) whose second read waits for `release`."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+        self.first_read = threading.Event()
+        self.release = threading.Event()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, size: int = -1) -> bytes:
+        if self.first_read.is_set():
+            self.release.wait(10)
+        chunk = self._data.read(size)
+        self.first_read.set()
+        return chunk
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """TMPDIR for this test: where a non-seekable upload is spooled."""
+    directory = tmp_path / "tmp"
+    directory.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(directory))
+    return directory
+
+
+def names_in(directory: Path) -> list[str]:
+    """The sorted names in a directory (a plain function: blocking is fine in a test helper)."""
+    return sorted(path.name for path in directory.iterdir())
+
+
+async def test_upload_cancelled_while_sending_removes_its_spool(
+    serve: Serve, make_client: MakeClient, spool_dir: Path
+) -> None:
+    """A non-seekable stream is spooled to TMPDIR; cancelling the upload while the API has not
+    answered removes the spool."""
+    arrived = anyio.Event()
+    spooled_then: list[list[str]] = []
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        spooled_then.append(names_in(spool_dir))
+        arrived.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_post("/v1/files", stall)
+    client = make_client(await serve(app))
+    stream = Stream(DATA)
+    stream.release.set()
+    async with anyio.create_task_group() as group:
+        group.start_soon(client.files.upload, stream)
+        await arrived.wait()
+        group.cancel_scope.cancel()
+    assert len(spooled_then[0]) == 1 and spooled_then[0][0].startswith("together-upload-")
+    assert names_in(spool_dir) == []
+
+
+async def test_upload_cancelled_while_spooling_removes_its_spool(
+    fake: LossyFiles, make_client: MakeClient, spool_dir: Path
+) -> None:
+    """Cancelling while the stream is still being copied to TMPDIR stops the copy and removes
+    the partial spool; nothing is sent."""
+    client = make_client(fake.api_server)
+    stream = Stream(batch_lines(30_000))
+    async with anyio.create_task_group() as group:
+        group.start_soon(client.files.upload, stream)
+        await anyio.to_thread.run_sync(stream.first_read.wait, 10)
+        spooling = names_in(spool_dir)
+        group.cancel_scope.cancel()
+        stream.release.set()
+    assert len(spooling) == 1
+    assert names_in(spool_dir) == []
+    assert fake.api.requests == []

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 
 from ._convert import structure, structure_file_list
@@ -136,20 +137,34 @@ class _UploadSource:
             start, size = measured
             return cls(label=label, name=name, size=size, fileobj=fileobj, start=start)
 
-        # Not seekable: spool it to disk once, so every attempt can re-read it.
-        def spool() -> tuple[Path, int]:
-            with tempfile.NamedTemporaryFile(
-                prefix="together-upload-", suffix=".jsonl", delete=False
-            ) as spooled:
+        # Not seekable: spool it to disk once, so every attempt can re-read it. The spool
+        # is made shielded (a cancel arriving meanwhile would lose its name, and the file
+        # with it) and removed on any failure, a cancel during the copy included.
+        with anyio.CancelScope(shield=True):
+            handle, spool_name = await anyio.to_thread.run_sync(
+                lambda: tempfile.mkstemp(prefix="together-upload-", suffix=".jsonl")
+            )
+        path = Path(spool_name)
+
+        def spool() -> int:
+            with open(handle, "wb") as spooled:
                 size = 0
                 while chunk := fileobj.read(CHUNK_SIZE):
                     if isinstance(chunk, str):
                         raise InvalidArgumentError(f"{label}: open the file in binary mode")
                     spooled.write(chunk)
                     size += len(chunk)
-            return Path(spooled.name), size
+                    anyio.from_thread.check_cancelled()  # stop copying a cancelled upload
+            return size
 
-        path, size = await anyio.to_thread.run_sync(spool)
+        try:
+            size = await anyio.to_thread.run_sync(spool)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await anyio.Path(path).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise TogetherError(f"reading {label}: {exc.strerror or exc}") from exc
+            raise
         return cls(label=label, name=name, size=size, path=path, temporary=True)
 
     def iter_blocking(self) -> Generator[bytes, None, None]:
@@ -252,7 +267,9 @@ class _UploadSource:
 
     async def aclose(self) -> None:
         if self._temporary and self._path is not None:
-            await anyio.Path(self._path).unlink(missing_ok=True)
+            # Shielded: a cancelled upload must not leave its spool behind.
+            with anyio.CancelScope(shield=True):
+                await anyio.Path(self._path).unlink(missing_ok=True)
 
 
 class _ThreadChunks:
