@@ -129,18 +129,27 @@ async def test_storage_on_another_host_never_gets_the_key(fake: FakeFiles) -> No
     assert all(seen.headers["Authorization"] == f"Bearer {KEY}" for seen in fake.api.requests)
 
 
-async def test_storage_redirects_to_a_third_host_never_get_the_key(
-    fake: FakeFiles, serve: Serve
-) -> None:
-    """A storage redirect to a third origin is followed with the body and still no key."""
-    third = Recorder()
+def storing_host(fake: FakeFiles) -> tuple[Recorder, web.Application]:
+    """A storage host on another origin that records each PUT and stores its body as
+    file-1's (the upload checks the size the API then reports)."""
+    seen = Recorder()
 
     async def take(request: web.Request) -> web.Response:
-        third.record(request, await request.read())
+        body = await request.read()
+        seen.record(request, body)
+        fake.files["file-1"]["bytes"] = len(body)
         return web.Response(status=200)
 
     app = web.Application()
     app.router.add_put("/{tail:.*}", take)
+    return seen, app
+
+
+async def test_storage_redirects_to_a_third_host_never_get_the_key(
+    fake: FakeFiles, serve: Serve
+) -> None:
+    """A storage redirect to a third origin is followed with the body and still no key."""
+    third, app = storing_host(fake)
     third_server = await serve(app)
     fake.storage_redirects["/upload/file-1"] = url_on(
         third_server, "/bucket/file-1", host="127.0.0.1"
@@ -170,7 +179,9 @@ async def test_storage_on_the_api_origin_still_gets_no_key(serve: Serve) -> None
         return web.Response(status=200)
 
     async def preprocess(request: web.Request) -> web.Response:
-        return web.json_response({"id": "file-1", "object": "file", "bytes": 10})
+        return web.json_response(
+            {"id": "file-1", "object": "file", "bytes": len(seen.requests[0].body)}
+        )
 
     app = web.Application()
     app.router.add_post("/v1/files", start_upload)
@@ -260,7 +271,7 @@ async def test_a_redirected_upload_start_sends_the_body_but_never_the_key(
 ) -> None:
     """POST /files answering 302 to a foreign host is the presigned flow: the bytes go there,
     the key does not."""
-    elsewhere, elsewhere_app = foreign_recorder()
+    elsewhere, elsewhere_app = storing_host(fake)
     other = await serve(elsewhere_app)
     fake.location_override = url_on(other, "/evil/upload")
     async with fast_client(str(fake.api_server.make_url("/v1"))) as client:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 
 from ._convert import structure, structure_file_list
@@ -88,6 +89,10 @@ class _UploadSource:
         self._fileobj = fileobj
         self._start = start
         self._temporary = temporary
+        # The scan's sha256: every later read must give exactly these bytes.
+        self.checksum: str | None = None
+        # Set when a read no longer gives the scanned bytes; no attempt may send after that.
+        self.changed: TogetherError | None = None
 
     @classmethod
     async def open(cls, file: Any, filename: str | None) -> _UploadSource:
@@ -132,20 +137,34 @@ class _UploadSource:
             start, size = measured
             return cls(label=label, name=name, size=size, fileobj=fileobj, start=start)
 
-        # Not seekable: spool it to disk once, so every attempt can re-read it.
-        def spool() -> tuple[Path, int]:
-            with tempfile.NamedTemporaryFile(
-                prefix="together-upload-", suffix=".jsonl", delete=False
-            ) as spooled:
+        # Not seekable: spool it to disk once, so every attempt can re-read it. The spool
+        # is made shielded (a cancel arriving meanwhile would lose its name, and the file
+        # with it) and removed on any failure, a cancel during the copy included.
+        with anyio.CancelScope(shield=True):
+            handle, spool_name = await anyio.to_thread.run_sync(
+                lambda: tempfile.mkstemp(prefix="together-upload-", suffix=".jsonl")
+            )
+        path = Path(spool_name)
+
+        def spool() -> int:
+            with open(handle, "wb") as spooled:
                 size = 0
                 while chunk := fileobj.read(CHUNK_SIZE):
                     if isinstance(chunk, str):
                         raise InvalidArgumentError(f"{label}: open the file in binary mode")
                     spooled.write(chunk)
                     size += len(chunk)
-            return Path(spooled.name), size
+                    anyio.from_thread.check_cancelled()  # stop copying a cancelled upload
+            return size
 
-        path, size = await anyio.to_thread.run_sync(spool)
+        try:
+            size = await anyio.to_thread.run_sync(spool)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await anyio.Path(path).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise TogetherError(f"reading {label}: {exc.strerror or exc}") from exc
+            raise
         return cls(label=label, name=name, size=size, path=path, temporary=True)
 
     def iter_blocking(self) -> Generator[bytes, None, None]:
@@ -170,9 +189,43 @@ class _UploadSource:
             remaining -= len(chunk)
             yield chunk
 
+    def _iter_verified_blocking(self) -> Generator[bytes, None, None]:
+        """The scanned bytes again, each chunk counted and hashed before it is sent: a file
+        cut short raises at its end (the body must not stop short of its Content-Length and
+        leave the server waiting), and a file edited since the scan raises before its last
+        chunk goes out, so storage never holds a whole body that was not the one checked.
+        Bytes appended since are not read."""
+        hasher = hashlib.sha256()
+        sent = 0
+        for chunk in self.iter_blocking():
+            if sent + len(chunk) > self.size:
+                chunk = chunk[: self.size - sent]
+            sent += len(chunk)
+            hasher.update(chunk)
+            if sent == self.size and hasher.hexdigest() != self.checksum:
+                raise self._record_change("its content is not the content that was checked")
+            yield chunk
+            if sent == self.size:
+                return
+        if sent < self.size:
+            raise self._record_change(f"{sent} of its {self.size} bytes are left")
+
+    def _record_change(self, what: str) -> TogetherError:
+        self.changed = TogetherError(
+            f"{self.label} changed after it was checked ({what}); not uploading it"
+        )
+        return self.changed
+
+    def raise_if_changed(self) -> None:
+        """Raise the change a stream found, if any (before an attempt, after a failed one)."""
+        if self.changed is not None:
+            raise self.changed
+
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The bytes in chunks, each read in a worker thread; a fresh stream every call."""
-        reader = _ThreadChunks(self.iter_blocking())
+        """The bytes in chunks, each read in a worker thread; a fresh stream every call.
+        After `scan`, the stream is verified against what the scan saw."""
+        blocking = self.iter_blocking() if self.checksum is None else self._iter_verified_blocking()
+        reader = _ThreadChunks(blocking)
         try:
             while True:
                 chunk = await anyio.to_thread.run_sync(reader.next)
@@ -192,17 +245,31 @@ class _UploadSource:
                 report = check_batch_chunks(self.iter_blocking(), endpoint=endpoint, sha256=True)
                 raise_for_problems(report, source=self.label)
                 if report.sha256 is not None:
+                    self._check_scanned_size(report.bytes)
                     return report.sha256
             hasher = hashlib.sha256()
+            scanned = 0
             for chunk in self.iter_blocking():
                 hasher.update(chunk)
+                scanned += len(chunk)
+            self._check_scanned_size(scanned)
             return hasher.hexdigest()
 
-        return await anyio.to_thread.run_sync(run)
+        self.checksum = await anyio.to_thread.run_sync(run)
+        return self.checksum
+
+    def _check_scanned_size(self, scanned: int) -> None:
+        if scanned != self.size:
+            raise TogetherError(
+                f"{self.label} changed while it was being checked ({self.size} bytes when "
+                f"opened, {scanned} read); not uploading it"
+            )
 
     async def aclose(self) -> None:
         if self._temporary and self._path is not None:
-            await anyio.Path(self._path).unlink(missing_ok=True)
+            # Shielded: a cancelled upload must not leave its spool behind.
+            with anyio.CancelScope(shield=True):
+                await anyio.Path(self._path).unlink(missing_ok=True)
 
 
 class _ThreadChunks:
@@ -354,23 +421,43 @@ class Files:
                 "POST /files redirected without a Location and an X-Together-File-Id header"
             )
         file_id = file_id.strip()
-        try:
-            await self._put(source, resolve_location(response.url, location), max_retries)
-        except TogetherError as exc:
-            raise with_context(
-                exc,
-                f"uploading {source.label} failed after POST /files created file {file_id}, "
-                f"which is left without its content (delete it or upload again)",
-            ) from exc
-        preprocessed = await client._send_json(
-            "POST",
-            client._url("files", file_id, "preprocess"),
-            what="POST /files/{id}/preprocess",
-            max_retries=max_retries,
+        storage_url = resolve_location(response.url, location)
+        # A storage that answers 200 but keeps nothing (or a part) shows in the file the API
+        # then reports: PUT again, as often as a failed request would be retried.
+        attempts = client.config.attempts_for(max_retries)
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._put(source, storage_url, max_retries)
+            except TogetherError as exc:
+                raise with_context(
+                    exc,
+                    f"uploading {source.label} failed after POST /files created file "
+                    f"{file_id}, which is left without its content (delete it or upload again)",
+                ) from exc
+            preprocessed = await client._send_json(
+                "POST",
+                client._url("files", file_id, "preprocess"),
+                what="POST /files/{id}/preprocess",
+                max_retries=max_retries,
+            )
+            if isinstance(preprocessed, dict) and isinstance(preprocessed.get("file"), dict):
+                preprocessed = preprocessed["file"]
+            uploaded = structure(preprocessed, FileObject)
+            if uploaded.bytes is None or uploaded.bytes == source.size:
+                return uploaded
+            logger.warning(
+                "storage accepted %s but file %s holds %d of its %d bytes (PUT %d of %d)",
+                source.label,
+                file_id,
+                uploaded.bytes,
+                source.size,
+                attempt,
+                attempts,
+            )
+        raise APIResponseValidationError(
+            f"storage accepted {source.label} {attempts} time(s) but file {file_id} holds "
+            f"{uploaded.bytes} of its {source.size} bytes (delete it or upload again)"
         )
-        if isinstance(preprocessed, dict) and isinstance(preprocessed.get("file"), dict):
-            preprocessed = preprocessed["file"]
-        return structure(preprocessed, FileObject)
 
     async def _put(self, source: _UploadSource, url: str, max_retries: int | None) -> None:
         """PUT the bytes to storage, following at most a few redirects (re-streaming each hop);
@@ -386,10 +473,17 @@ class Files:
             target = url
 
             async def attempt(target: str = target) -> Response:
+                source.raise_if_changed()  # the same bytes again: no point retrying
                 transport = client._ensure_transport()
-                answer = await transport.request(
-                    "PUT", target, headers=headers, content=source.chunks()
-                )
+                try:
+                    answer = await transport.request(
+                        "PUT", target, headers=headers, content=source.chunks()
+                    )
+                except Exception:
+                    # aiohttp reports a body stream's failure as a connection error.
+                    source.raise_if_changed()
+                    raise
+                source.raise_if_changed()  # storage may answer before the body is sent
                 if 200 <= answer.status < 300 or answer.status in REDIRECT_STATUSES:
                     return answer
                 raise error_from_response(
@@ -411,6 +505,7 @@ class Files:
         self, source: _UploadSource, purpose: str, max_retries: int | None
     ) -> FileObject:
         def fields() -> list[FormField]:
+            source.raise_if_changed()  # built per attempt: a changed file is not sent again
             return [
                 FormField(name="purpose", value=purpose),
                 FormField(name="file_name", value=source.name),
@@ -424,10 +519,22 @@ class Files:
             ]
 
         client = self._client
-        response = await client._send(
-            "POST", client._url("files", "upload"), form=fields, max_retries=max_retries
-        )
-        return structure(decode_json(response.body, what="POST /files/upload"), FileObject)
+        try:
+            response = await client._send(
+                "POST", client._url("files", "upload"), form=fields, max_retries=max_retries
+            )
+        except Exception:
+            source.raise_if_changed()
+            raise
+        source.raise_if_changed()
+        uploaded = structure(decode_json(response.body, what="POST /files/upload"), FileObject)
+        if uploaded.bytes is not None and uploaded.bytes != source.size:
+            # Not retried: every POST /files/upload makes another file.
+            raise APIResponseValidationError(
+                f"POST /files/upload stored {source.label} as file {uploaded.id} of "
+                f"{uploaded.bytes} bytes, not {source.size} (delete it or upload again)"
+            )
+        return uploaded
 
     # ---- metadata -------------------------------------------------------------------------
 
