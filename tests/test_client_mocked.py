@@ -103,9 +103,7 @@ async def test_html_error_body_gives_a_readable_message(
     assert "400 Bad Request" in raised.value.message and "<html>" not in raised.value.message
 
 
-async def test_request_id_is_kept_on_errors(
-    mock_http: aioresponses, client: AsyncTogether
-) -> None:
+async def test_request_id_is_kept_on_errors(mock_http: aioresponses, client: AsyncTogether) -> None:
     """The x-request-id header of an error answer is kept on the exception."""
     mock_http.get(
         f"{BASE}/batches/b",

@@ -159,9 +159,7 @@ def _loose_id(batch_id: str) -> str:
 def _lacks_result_files(job: BatchJob) -> bool:
     """A COMPLETED job with neither an output nor an error file: a list entry may be a
     summary that leaves them out, so the job is read on its own before that is believed."""
-    return job.status == BatchJobStatus.COMPLETED and not (
-        job.output_file_id or job.error_file_id
-    )
+    return job.status == BatchJobStatus.COMPLETED and not (job.output_file_id or job.error_file_id)
 
 
 def _change_key(job: BatchJob) -> tuple[object, ...]:
