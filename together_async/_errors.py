@@ -19,6 +19,7 @@
         │   ├── RateLimitError             429
         │   └── InternalServerError        >= 500
         ├── APIResponseValidationError a 2xx answer whose body is not what the protocol promises
+        ├── ResponseTooLargeError      an answer longer than max_response_bytes (not read)
         ├── APIConnectionError         no usable answer: refused, reset, DNS, TLS
         │   └── APITimeoutError        the request timed out
         └── StatusPollError            watching a batch gave up after a long run of failed polls
@@ -49,6 +50,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "ResponseTooLargeError",
     "StatusPollError",
     "TogetherError",
     "UnprocessableEntityError",
@@ -138,6 +140,21 @@ class APIError(TogetherError):
 
 class APIResponseValidationError(APIError):
     """A success response whose body does not have the shape the protocol promises."""
+
+
+class ResponseTooLargeError(APIError):
+    """An answer whose body is longer than the client's `max_response_bytes`; it is not read
+    further (the connection is dropped), whatever its status.
+
+    Attributes:
+        status_code: the HTTP status of the answer.
+        limit: the cap in bytes (of the decoded body, for a compressed answer).
+    """
+
+    def __init__(self, message: str, *, status_code: int, limit: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.limit = limit
 
 
 class APIConnectionError(APIError):
