@@ -273,19 +273,35 @@ async def test_deadline_ends_a_trickling_download_across_resumes() -> None:
         assert asyncio.get_running_loop().time() - started < 2.0
 
 
-async def test_deadline_cuts_a_retry_wait_short() -> None:
-    """A retry wait (here a 30 s Retry-After) that would outlast the deadline is cut short:
-    APITimeoutError at the deadline, chained to the last failure."""
+async def test_deadline_skips_a_retry_wait_it_would_outlast() -> None:
+    """A retry wait (here a 30 s Retry-After) that would end past the deadline is not waited
+    for: the failure is raised at once, after one request."""
 
     async def script(request: RawRequest, conn: RawConnection) -> None:
         await conn.write(http_response(503, b"{}", headers={**JSON, "Retry-After": "30"}))
 
     with stamina.set_testing(False):
-        async with RawServer(script) as server, raw_client(server, deadline=0.3) as client:
-            with pytest.raises(APITimeoutError, match=r"deadline of 0\.3 s") as caught:
+        async with RawServer(script) as server, raw_client(server, deadline=5) as client:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(InternalServerError):
                 await client.batches.get_batch("batch-1")
-    assert isinstance(caught.value.__cause__, InternalServerError)
+            assert asyncio.get_running_loop().time() - started < 5
     assert len(server.requests) == 1
+
+
+async def test_deadline_leaves_time_for_short_retries() -> None:
+    """Within the deadline, retries go on as usual: two 503s, then the answer."""
+
+    async def script(request: RawRequest, conn: RawConnection) -> None:
+        if len(server.requests) < 3:
+            await conn.write(http_response(503, b"{}", headers={**JSON, "Retry-After": "0"}))
+        else:
+            await conn.write(http_response(200, JOB, headers=JSON))
+
+    async with RawServer(script) as server, raw_client(server, deadline=5) as client:
+        job = await client.batches.get_batch("batch-1")
+    assert job.id == "batch-1"
+    assert len(server.requests) == 3
 
 
 def test_no_deadline_and_an_inactivity_timeout_by_default() -> None:
@@ -572,3 +588,18 @@ async def test_presigned_signature_never_in_error_text_or_logs(
     texts += [str(record.exc_text or "") for record in caplog.records]
     assert [text for text in texts if SIGNATURE in text or "X-Amz" in text] == []
     assert "/storage/" in str(exc)  # the host and path are still named
+
+
+async def test_error_answer_to_a_download_is_capped_too() -> None:
+    """A download answered by an error status with a huge Content-Length is
+    ResponseTooLargeError: only the file content itself streams uncapped."""
+
+    async def script(request: RawRequest, conn: RawConnection) -> None:
+        await conn.write(http_response(500, b"{", headers=JSON, content_length=2_000_000_000))
+        await forever()
+
+    async with RawServer(script) as server, raw_client(server) as client:
+        with pytest.raises(ResponseTooLargeError) as caught:
+            async for _ in client.files.iter_bytes(FILE_ID, max_retries=0):
+                pass
+    assert caught.value.status_code == 500

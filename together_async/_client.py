@@ -10,17 +10,17 @@ import asyncio
 import enum
 import functools
 import logging
+import random
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import anyio
 import orjson
 import stamina
 
 from ._config import API_KEY_ENV, DEFAULT_MAX_RESPONSE_BYTES, ClientConfig
-from ._errors import APITimeoutError, ClientClosedError, MissingAPIKeyError, TogetherError
+from ._errors import ClientClosedError, MissingAPIKeyError, TogetherError
 from ._protocol import (
     APIOrigin,
     api_url,
@@ -98,9 +98,11 @@ class AsyncTogether:
             of an upload, and between two reads of an answer. A transfer that keeps moving
             never times out, however long it takes (a 100 MB upload over a slow link).
         deadline: seconds one request may take in all, its retries and their waits included
-            (for a streamed download, until its last byte is read); past it the call raises
-            APITimeoutError. None (the default) sets no limit: give one so that a server
-            trickling an answer cannot hold a call for ever.
+            (a download: with its resumes, until its last byte is read); a request still
+            running at the deadline raises APITimeoutError, and a retry that could not start
+            before it is not waited for (the last failure is raised at once). None (the
+            default) sets no limit: give one so that a server trickling an answer cannot hold
+            a call for ever.
         max_response_bytes: the most bytes of an answer read into memory (default 8 MiB,
             counted after decompression); a longer one raises ResponseTooLargeError. File
             downloads stream and are not capped.
@@ -368,25 +370,22 @@ class AsyncTogether:
         attempts: int,
         call: CallDeadline | None = None,
     ) -> T:
-        """`run(operation, attempts)` within `call` (default: the client's deadline from now):
-        its attempts share it (each request's aiohttp `total` is what is left), and a retry
-        wait it would outlast is cut short."""
+        """`run(operation, attempts)` within `call` (default: the client's deadline from now).
+        Its requests share it: each gets what is left as aiohttp's `total` (a request that
+        runs out fails inside its attempt, as an APITimeoutError the caller can tell from a
+        refusal: a create then knows it may have made a job); and no retry is tried, or
+        waited for, that could not start before the deadline (`_retry_failed`).
+
+        Nothing is cancelled from outside an attempt: cutting a request short there would
+        hide from the caller whether it reached the server."""
         if call is None:
             call = self._call_deadline()
             assert call is not None
         token = CALL_DEADLINE.set(call)
         try:
-            with anyio.CancelScope(deadline=call.end) as scope:
-                return await run(operation, attempts)
+            return await run(operation, attempts)
         finally:
             CALL_DEADLINE.reset(token)
-        # Only reached when the scope was cancelled: the deadline passed in a retry wait (or
-        # just before a request's own timer fired).
-        assert scope.cancelled_caught
-        where = f"{call.last_request}: " if call.last_request else ""
-        raise APITimeoutError(
-            f"{where}timed out: the deadline of {call.seconds:g} s passed"
-        ) from call.last_failure
 
     async def _retry_failed(
         self, operation: Callable[[], Awaitable[T]], first_failure: Exception, attempts: int
@@ -395,13 +394,25 @@ class AsyncTogether:
         config = self._config
 
         call = CALL_DEADLINE.get() if config.deadline is not None else None
+        retries = 0
 
         def backoff(exc: Exception) -> bool | float:
-            if call is not None:
-                call.last_failure = exc
-                if asyncio.get_running_loop().time() >= call.end:
-                    return False  # no time left for another attempt
-            return retry_backoff(exc, retry_after_max=config.retry_after_max)
+            nonlocal retries
+            wait = retry_backoff(exc, retry_after_max=config.retry_after_max)
+            if call is None or wait is False:
+                return wait
+            retries += 1
+            if wait is True:
+                # stamina's own formula, drawn here to know the wait before it starts
+                # (stamina's test mode still waits 0 for a wait given this way).
+                wait = min(
+                    config.retry_wait_max,
+                    config.retry_wait_initial * 2 ** min(retries - 1, 64)
+                    + random.uniform(0, config.retry_wait_jitter),
+                )
+            if asyncio.get_running_loop().time() + wait >= call.end:
+                return False  # the retry could not start before the deadline: fail now
+            return wait
 
         # Not retryable: stamina would re-raise it at once without running any hook.
         if backoff(first_failure) is False:

@@ -84,9 +84,11 @@ class ClientConfig:
             body to be taken by the peer, and between two reads of an answer. A transfer that
             keeps moving never times out, however long it takes.
         deadline: seconds one request may take in all, retries and their waits included, from
-            the first connect to the last byte of the answer (of a streamed download too, so
-            it counts the time your code spends between chunks). None (the default): no limit,
-            so a large upload over a slow link can take as long as it needs.
+            the first connect to the last byte of the answer (of a streamed download too, its
+            resumes included, so it counts the time your code spends between chunks): past it
+            APITimeoutError; a retry that could not start before it is not waited for (the
+            last failure is raised at once). None (the default): no limit, so a large upload
+            over a slow link can take as long as it needs.
         max_response_bytes: the most bytes of an answer read into memory (JSON answers and
             error bodies; counted after decompression). A longer one raises
             ResponseTooLargeError. Downloads of file content stream and are not capped.

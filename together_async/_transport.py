@@ -8,8 +8,8 @@ Limits enforced here:
   request body to be taken by the peer (`_BodyWatch`; aiohttp has no write timeout). A
   transfer that keeps moving never times out, however long it takes.
 - `deadline` (optional) bounds one request in all: aiohttp's `total`, which also covers
-  reading a streamed body. The client sets `CALL_DEADLINE` so that the attempts and retry
-  waits of one call share one deadline.
+  reading a streamed body. The client sets `CALL_DEADLINE` so that the requests of one call
+  (attempts, a download's resumes) share one deadline: each gets what is left.
 - An answer read into memory is capped at `max_response_bytes` (decoded bytes: a gzip bomb is
   stopped at the cap); streamed downloads are not capped.
 """
@@ -74,15 +74,11 @@ _BODY_PIECE = 128 * 1024
 
 @attrs.define(slots=True, eq=False)
 class CallDeadline:
-    """The deadline of one call (a request and its retries), shared by its attempts.
-
-    `end` is in event-loop time; `last_request` names the request that was running (for the
-    message when the deadline passes between attempts); `last_failure` the latest failure."""
+    """The deadline of one call (a request and its retries, a download and its resumes),
+    shared by its requests. `end` is in event-loop time."""
 
     end: float
     seconds: float
-    last_request: str | None = None
-    last_failure: BaseException | None = None
 
 
 #: Set by the client around a call that has a deadline; read by every request in it.
@@ -471,11 +467,10 @@ class Transport:
         call = CALL_DEADLINE.get()
         if call is None:
             return self._timeout, self._deadline
-        call.last_request = _shown(method, url)
         remaining = call.end - asyncio.get_running_loop().time()
         if remaining <= 0:
             raise APITimeoutError(
-                f"{call.last_request}: timed out: the deadline of {_seconds(call.seconds)} passed"
+                f"{_shown(method, url)}: timed out: the deadline of {_seconds(call.seconds)} passed"
             )
         timeout = aiohttp.ClientTimeout(
             total=remaining,
