@@ -65,6 +65,10 @@ _Data = bytes | aiohttp.Payload | aiohttp.FormData | None
 #: (= TIOCOUTQ) on Linux, the SO_NWRITE option on macOS; elsewhere it is not asked.
 _OUTQ: int | None = termios.TIOCOUTQ if sys.platform.startswith("linux") else None
 _SO_NWRITE: int | None = 0x1024 if sys.platform == "darwin" else None
+#: TCP_INFO, read for when the peer last acknowledged something (Linux only).
+_TCP_INFO: int | None = (
+    getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+)
 
 #: The most bytes of a streamed request body handed to aiohttp at once. Each piece must be
 #: taken by the peer within the timeout, so this sets the slowest link that still counts as
@@ -276,6 +280,20 @@ def _unacknowledged(sock: object) -> int | None:
     return None
 
 
+def _since_last_ack(sock: object) -> float | None:
+    """Seconds since the peer last acknowledged anything on `sock` (Linux: TCP_INFO's
+    tcpi_last_ack_recv, in the struct since Linux 2.6), or None where that is not known."""
+    if _TCP_INFO is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 104)  # type: ignore[attr-defined]
+        if len(info) < 60:
+            return None
+        return int(struct.unpack_from("I", info, 56)[0]) / 1000
+    except (OSError, ValueError, AttributeError, struct.error):
+        return None
+
+
 class _BodyWatch:
     """A write timeout for a streamed request body, which aiohttp lacks (its `sock_read`
     starts only once the body is sent): the body is written in pieces, and a piece the peer
@@ -285,7 +303,10 @@ class _BodyWatch:
     Once the last piece is written, the watch waits (where the system tells) until the peer
     has acknowledged the bytes still queued in the kernel, which on a slow link can be
     megabytes: aiohttp's read timeout starts only when the body is done, and must not run
-    out while the tail of a body is still moving."""
+    out while the tail of a body is still moving. For a whole body of known length (a PUT)
+    it then waits while the peer keeps acknowledging (it opens its receive window as its
+    application reads what its kernel took: megabytes when that buffer is large), for the
+    answer is not due before it has read it all; the answer ends that wait."""
 
     __slots__ = ("scope", "timeout")
 
@@ -320,16 +341,18 @@ class _BodyWatch:
                         scope.deadline = anyio.current_time() + timeout
                         await writer.write(view[start : start + _BODY_PIECE])
                 scope.deadline = math.inf
-            await self._until_taken(writer)
+            await self._until_taken(writer, whole_body=length is not None)
         finally:
             scope.deadline = math.inf
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
 
-    async def _until_taken(self, writer: Any) -> None:
+    async def _until_taken(self, writer: Any, *, whole_body: bool) -> None:
         """Wait while the peer keeps acknowledging what is queued; give up waiting once it
-        stalls for `timeout` (the scope's deadline then cancels the request)."""
+        stalls for `timeout` (the scope's deadline then cancels the request). With
+        `whole_body`, then wait while the peer still acknowledges, up to `timeout` after its
+        last acknowledgement (aiohttp's read timeout follows)."""
         scope = self.scope
         timeout = self.timeout
         transport = getattr(writer, "transport", None)
@@ -351,6 +374,14 @@ class _BodyWatch:
             elif anyio.current_time() >= scope.deadline:
                 return  # the scope is cancelling the request (or the request is over)
             queued = now_queued
+        scope.deadline = math.inf
+        if not whole_body:
+            return  # a part of a form: the rest of the body follows, then the answer
+        while True:
+            quiet = _since_last_ack(sock)
+            if quiet is None or quiet >= timeout:
+                return
+            await asyncio.sleep(min(timeout - quiet, 0.1) + 0.001)
 
     def failure(self, method: str, url: str) -> APITimeoutError:
         return APITimeoutError(
