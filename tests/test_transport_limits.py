@@ -607,3 +607,29 @@ async def test_error_answer_to_a_download_is_capped_too() -> None:
             async for _ in client.files.iter_bytes(FILE_ID, max_retries=0):
                 pass
     assert caught.value.status_code == 500
+
+
+async def test_storage_error_echoing_the_signature_does_not_carry_it(tmp_path: Path) -> None:
+    """A storage 403 whose body echoes the presigned query (as S3's SignatureDoesNotMatch
+    does) gives an error whose text and body hold none of the query's values."""
+
+    async def refuse(request: RawRequest, conn: RawConnection) -> int:
+        await conn.reader.readexactly(int(request.headers["content-length"]))
+        body = (
+            "<Error><Code>SignatureDoesNotMatch</Code><Message>no</Message>"
+            f"<SignatureProvided>{SIGNATURE}</SignatureProvided>"
+            f"<CanonicalRequest>PUT /storage X-Amz-Signature={SIGNATURE}</CanonicalRequest>"
+            "</Error>"
+        ).encode()
+        await conn.write(http_response(403, body, headers={"Content-Type": "application/xml"}))
+        return 0
+
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(CONTENT)
+    async with storage(refuse) as server, raw_client(server) as client:
+        with pytest.raises(APIError) as caught:
+            await client.files.upload(path, max_retries=0)
+    exc = caught.value
+    texts = [str(exc), repr(exc), *map(str, exc.args), repr(getattr(exc, "body", None))]
+    assert [text for text in texts if SIGNATURE in text] == []
+    assert "SignatureDoesNotMatch" in repr(getattr(exc, "body", None))

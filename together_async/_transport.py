@@ -28,7 +28,7 @@ import sys
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import aiohttp
 import aiohttp.payload
@@ -167,6 +167,17 @@ def _scrubbed(text: str, url: str) -> str:
     if query and query in text:
         text = text.replace(query, "<query hidden>")
     return text
+
+
+def _without_query_values(body: bytes, url: str) -> bytes:
+    """An error answer from a URL with a query (a presigned URL), without the query's values:
+    a storage host may echo them (S3's SignatureDoesNotMatch names the signature it got), and
+    the error built from the body would then carry the credential."""
+    for _name, value in parse_qsl(urlsplit(url).query, keep_blank_values=False):
+        for spelling in {value, quote(value, safe=""), quote(value, safe="/")}:
+            if len(spelling) >= 8:
+                body = body.replace(spelling.encode(), b"<hidden>")
+    return body
 
 
 def _plain_headers(raw: Mapping[str, str]) -> dict[str, str]:
@@ -600,6 +611,8 @@ class Transport:
             except ResponseTooLargeError:
                 response.close()  # the rest is not read: the connection cannot be reused
                 raise
+            if response.status >= 300 and "?" in url:
+                body = _without_query_values(body, url)
             return Response(
                 status=response.status, body=body, url=url, raw_headers=response.headers
             )
