@@ -633,3 +633,29 @@ async def test_storage_error_echoing_the_signature_does_not_carry_it(tmp_path: P
     texts = [str(exc), repr(exc), *map(str, exc.args), repr(getattr(exc, "body", None))]
     assert [text for text in texts if SIGNATURE in text] == []
     assert "SignatureDoesNotMatch" in repr(getattr(exc, "body", None))
+
+
+async def test_multipart_upload_to_a_slow_but_steady_reader_succeeds(tmp_path: Path) -> None:
+    """The multipart upload (sent with a Content-Length) to a peer reading 64 KiB every
+    20 ms, longer than the timeout in all, succeeds."""
+    size = 4 * 1024 * 1024
+
+    async def slow_reader(request: RawRequest, conn: RawConnection) -> int:
+        left = int(request.headers["content-length"])
+        while left:
+            left -= len(await conn.reader.readexactly(min(left, 64 * 1024)))
+            await asyncio.sleep(0.02)
+        body = json.dumps(file_json(FILE_ID, bytes=size)).encode()
+        await conn.write(http_response(200, body, headers=JSON))
+        return size
+
+    path = big_file(tmp_path, size)
+    async with (
+        storage(slow_reader, multipart=True, receive_buffer=64 * 1024) as server,
+        raw_client(server, timeout=0.4) as client,
+    ):
+        started = asyncio.get_running_loop().time()
+        uploaded = await client.files.upload(path, check=False, max_retries=0)
+        assert asyncio.get_running_loop().time() - started > 0.4
+    assert uploaded.id == FILE_ID
+    assert "chunked" not in server.requests[-1].headers.get("transfer-encoding", "")

@@ -122,6 +122,9 @@ class FormField:
     value: str | bytes | AsyncIterable[bytes]
     filename: str | None = None
     content_type: str | None = None
+    #: The length of a streamed value, when known: a form whose parts all have one is sent
+    #: with a Content-Length, and its end is then watched like a PUT body's.
+    size: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -326,12 +329,25 @@ class _BodyWatch:
         self.scope = anyio.CancelScope()
 
     def body(
-        self, chunks: AsyncIterable[bytes], *, content_type: str | None = None
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        content_type: str | None = None,
+        size: int | None = None,
+        tail: bool = True,
     ) -> aiohttp.Payload:
-        return _WatchedBody(chunks, self, content_type=content_type)
+        """`chunks` as a payload written by this watch; `tail=False` for a part of a form
+        (the form's end is waited on instead)."""
+        return _WatchedBody(chunks, self, content_type=content_type, size=size, tail=tail)
 
-    async def send(self, chunks: AsyncIterator[bytes], writer: Any, length: int | None) -> None:
-        """Write `chunks` (at most `length` bytes, when given) to aiohttp's `writer`."""
+    def form(self, form: aiohttp.MultipartWriter) -> aiohttp.Payload:
+        return _WatchedForm(form, self)
+
+    async def send(
+        self, chunks: AsyncIterator[bytes], writer: Any, length: int | None, *, tail: bool
+    ) -> None:
+        """Write `chunks` (at most `length` bytes, when given) to aiohttp's `writer`; with
+        `tail`, then wait for what the kernels hold (`_until_taken`)."""
         scope = self.scope
         timeout = self.timeout
         left = length
@@ -352,7 +368,8 @@ class _BodyWatch:
                         scope.deadline = anyio.current_time() + timeout
                         await writer.write(view[start : start + _BODY_PIECE])
                 scope.deadline = math.inf
-            await self._until_taken(writer, whole_body=length is not None)
+            if tail:
+                await self._until_taken(writer, whole_body=length is not None)
         finally:
             scope.deadline = math.inf
             aclose = getattr(chunks, "aclose", None)
@@ -406,10 +423,18 @@ class _WatchedBody(aiohttp.payload.AsyncIterablePayload):
     whole PUT body)."""
 
     def __init__(
-        self, chunks: AsyncIterable[bytes], watch: _BodyWatch, *, content_type: str | None
+        self,
+        chunks: AsyncIterable[bytes],
+        watch: _BodyWatch,
+        *,
+        content_type: str | None,
+        size: int | None,
+        tail: bool,
     ) -> None:
         super().__init__(chunks, content_type=content_type)
         self._watch = watch
+        self._size = size
+        self._tail = tail
 
     async def write(self, writer: Any) -> None:
         await self.write_with_length(writer, None)
@@ -419,7 +444,33 @@ class _WatchedBody(aiohttp.payload.AsyncIterablePayload):
         if chunks is None:
             return
         self._consumed = True
-        await self._watch.send(chunks, writer, content_length)
+        await self._watch.send(chunks, writer, content_length, tail=self._tail)
+
+
+class _WatchedForm(aiohttp.payload.Payload):
+    """A multipart form with watched parts, whose end is waited on like a whole body's when
+    its length is known (sent with a Content-Length, nothing follows its last byte)."""
+
+    _autoclose = True
+
+    def __init__(self, form: aiohttp.MultipartWriter, watch: _BodyWatch) -> None:
+        super().__init__(form, headers=form.headers)
+        self._form = form
+        self._watch = watch
+        self._size = form.size
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return self._form.decode(encoding, errors)
+
+    async def write(self, writer: Any) -> None:
+        await self._form.write(writer)
+        await self._watch._until_taken(writer, whole_body=self._size is not None)
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        await self.write(writer)
+
+    async def close(self) -> None:
+        await self._form.close()
 
 
 class StreamingResponse:
@@ -537,14 +588,20 @@ class Transport:
             if not isinstance(field.value, (str, bytes)):
                 if watch is None:
                     watch = _BodyWatch(self._inactivity)
-                value = watch.body(field.value, content_type=field.content_type)
+                value = watch.body(
+                    field.value, content_type=field.content_type, size=field.size, tail=False
+                )
             data.add_field(
                 field.name,
                 value,
                 filename=field.filename,
                 content_type=field.content_type,
             )
-        return data, watch
+        if watch is None:
+            return data, None
+        multipart = data()  # built here (aiohttp would at the request) to wrap it whole
+        assert isinstance(multipart, aiohttp.MultipartWriter)
+        return watch.form(multipart), watch
 
     async def request(
         self,

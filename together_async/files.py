@@ -515,6 +515,7 @@ class Files:
                     value=source.chunks(),
                     filename=source.name,
                     content_type="application/octet-stream",
+                    size=source.size,
                 ),
             ]
 
