@@ -43,8 +43,10 @@ from ._protocol import (
     parse_content_range,
     require_endpoint,
     require_id,
+    require_text,
     resolve_location,
     user_agent,
+    wire_name,
     with_context,
 )
 from ._transport import FormField, Response
@@ -104,7 +106,8 @@ class _UploadSource:
                 raise InvalidArgumentError(f"cannot read {path}: {exc.strerror or exc}") from exc
             if not stat_module.S_ISREG(stat.st_mode):
                 raise InvalidArgumentError(f"{path} is not a regular file")
-            return cls(label=str(path), name=filename or path.name, size=stat.st_size, path=path)
+            name = filename or wire_name(path.name)
+            return cls(label=str(path), name=name, size=stat.st_size, path=path)
         if isinstance(file, (bytes, bytearray, memoryview)):
             data = bytes(file)
             return cls(label="<bytes>", name=filename or "upload.jsonl", size=len(data), data=data)
@@ -117,7 +120,9 @@ class _UploadSource:
     @classmethod
     async def _from_fileobj(cls, fileobj: Any, filename: str | None) -> _UploadSource:
         raw_name = getattr(fileobj, "name", None)
-        name = filename or (os.path.basename(raw_name) if isinstance(raw_name, str) else "")
+        name = filename or (
+            wire_name(os.path.basename(raw_name)) if isinstance(raw_name, str) else ""
+        )
         name = name or "upload.jsonl"
         label = raw_name if isinstance(raw_name, str) else "<file object>"
         if isinstance(fileobj, io.TextIOBase):
@@ -335,7 +340,7 @@ class Files:
         purpose_value = str(FilePurpose(purpose)) if isinstance(purpose, str) else None
         if not purpose_value:
             raise InvalidArgumentError(f"purpose must be a non-empty string, got {purpose!r}")
-        if filename is not None and (not isinstance(filename, str) or not filename.strip()):
+        if filename is not None and (not require_text(filename, "filename").strip()):
             raise InvalidArgumentError("filename must be a non-empty string")
         endpoint_value = None if endpoint is None else require_endpoint(endpoint)
         source = await _UploadSource.open(file, filename)
