@@ -225,11 +225,15 @@ class BatchRun:
         if model is not None and (not isinstance(model, str) or not model.strip()):
             raise InvalidArgumentError(f"model must be a non-empty string or None, got {model!r}")
         self._model = model
-        self._max_lines = _check_count("max_requests_per_batch", max_requests_per_batch)
-        self._max_bytes = _check_count("max_bytes_per_batch", max_bytes_per_batch)
+        self._max_lines = _check_count(
+            "max_requests_per_batch", max_requests_per_batch, limit=MAX_REQUESTS_PER_BATCH
+        )
+        self._max_bytes = _check_count(
+            "max_bytes_per_batch", max_bytes_per_batch, limit=MAX_BYTES_PER_BATCH
+        )
         self._max_concurrency = _check_count("max_concurrency", max_concurrency)
         self._max_attempts = _check_count("max_attempts", max_attempts)
-        self._state_path = None if state_path is None else Path(state_path)
+        self._state_path = _check_state_path(state_path)
         self._cancel_on_exit = (state_path is None) if cancel_on_exit is None else cancel_on_exit
         self._delete_files = bool(delete_files)
         self._progress = progress
@@ -321,6 +325,7 @@ class BatchRun:
             self._stats.rows = rows
             sink.start(rows)
             if rows == 0:
+                await workspace.check_nothing_recorded()
                 return
             settings = {
                 "endpoint": self._endpoint,
@@ -470,16 +475,52 @@ class _Workspace:
         manifest = await Manifest.open(state_path)
         workspace = cls(manifest, temporary, created)
         try:
+            if temporary is None and await manifest.run() is None:
+                await anyio.to_thread.run_sync(workspace._check_no_orphan_files)
             await anyio.to_thread.run_sync(workspace._make_directories)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await manifest.aclose()
+                if created:
+                    # Only the empty file this call made: a refused start leaves nothing.
+                    await anyio.Path(state_path).unlink(missing_ok=True)
             raise
         return workspace
 
     @property
     def resumable(self) -> bool:
         return self.temporary is None
+
+    def _check_no_orphan_files(self) -> None:
+        # A state file that records no run beside the files of one was lost, emptied or
+        # replaced: a fresh run would upload and bill the whole input again, and the files
+        # are the only trace of the jobs that were made.
+        for directory in (self.inputs, self.results):
+            try:
+                orphan = next((p for p in directory.iterdir() if p.is_file()), None)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                raise InvalidArgumentError(f"cannot read {directory}: {exc}") from exc
+            if orphan is not None:
+                raise ManifestMismatchError(
+                    f"{self.manifest.path} records no run, but {self.manifest.directory} holds "
+                    f"the files of one (e.g. {orphan.name}): the state file was lost, emptied or "
+                    "replaced. Restore it to resume that run, or delete "
+                    f"{self.manifest.directory} to start over (that run's jobs are not reused)"
+                )
+
+    async def check_nothing_recorded(self) -> None:
+        """Raise when an empty input meets a recorded run: that is no resume, but a mistake."""
+        if not self.resumable:
+            return
+        recorded = await self.manifest.run()
+        if recorded is not None:
+            raise ManifestMismatchError(
+                f"{self.manifest.path} records a run of {recorded.rows:,} rows, but no requests "
+                "were given now (an exhausted iterator or an empty list?); pass the same "
+                "requests again to resume it, or use another state_path"
+            )
 
     def _make_directories(self) -> None:
         for directory in (self.inputs, self.results, self.scratch):
@@ -972,10 +1013,30 @@ def _check_endpoint(endpoint: Any) -> str:
     return require_endpoint(endpoint)
 
 
-def _check_count(name: str, value: Any) -> int:
+def _check_count(name: str, value: Any, *, limit: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+    if limit is not None and value > limit:
+        # Refused, not clamped: a value past the API's limit is a mistake to hear about, and
+        # a clamped run would shard differently from what its caller asked (and recorded).
+        raise InvalidArgumentError(
+            f"{name} is {value:,}, above the Batch API's limit of {limit:,} per job"
+        )
     return value
+
+
+def _check_state_path(value: Any) -> Path | None:
+    if value is None:
+        return None
+    try:
+        text = os.fspath(value)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"state_path must be a path (str or os.PathLike) or None, got {type(value).__name__}"
+        ) from None
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidArgumentError(f"state_path must be a non-empty str path, got {value!r}")
+    return Path(text)
 
 
 async def gather_batches(
