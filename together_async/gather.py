@@ -981,17 +981,37 @@ class _Pipeline:
 
 
 def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one real error inside a task group's exception group, or the group itself."""
-    cancelled = anyio.get_cancelled_exc_class()
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
+    """The one error to raise for a task group's exception group.
+
+    Shards fail independently, so two can fail at once: the caller still gets one of the
+    library's errors to catch, not a bare group. A KeyboardInterrupt or SystemExit wins (the
+    process is stopping); else the first error in the group, with the others logged and
+    noted on it. Only cancellations: the group itself.
+    """
+    cancelled: type[BaseException] = anyio.get_cancelled_exc_class()
+    leaves = [exc for exc in _leaves(group) if not isinstance(exc, cancelled)]
+    if not leaves:
+        whole: BaseException = group
+        return whole
+    stopping = [exc for exc in leaves if not isinstance(exc, Exception)]
+    first = stopping[0] if stopping else leaves[0]
+    others = [exc for exc in leaves if exc is not first]
+    add_note = getattr(first, "add_note", None)  # Python 3.11+
+    for other in others:
+        logger.warning("another shard failed at the same time: %s: %s", type(other).__name__, other)
+        if add_note is not None:
+            add_note(f"another shard failed at the same time: {type(other).__name__}: {other}")
+    return first
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        elif not isinstance(exc, cancelled):
-            leaves.append(exc)
-    return leaves[0] if len(leaves) == 1 else group
+            found.extend(_leaves(exc))
+        else:
+            found.append(exc)
+    return found
 
 
 def _check_requests(requests: Any) -> RequestsInput:
