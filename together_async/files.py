@@ -28,8 +28,10 @@ import anyio.to_thread
 from ._convert import structure, structure_file_list
 from ._errors import (
     APIConnectionError,
+    APIError,
     APIResponseValidationError,
     InvalidArgumentError,
+    NotFoundError,
     TogetherError,
 )
 from ._jsonl import CHUNK_SIZE, aiter_json, aiter_lines, check_batch_chunks, raise_for_problems
@@ -40,6 +42,7 @@ from ._protocol import (
     decode_json,
     error_from_response,
     get_header,
+    is_ambiguous_create_failure,
     parse_content_range,
     require_endpoint,
     require_id,
@@ -561,16 +564,33 @@ class Files:
         return structure_file_list(payload)
 
     async def delete(self, id: str, *, max_retries: int | None = None) -> FileDeleteResponse:
-        """Delete the file with this id."""
+        """Delete the file with this id.
+
+        A retry after an attempt whose answer was lost (a dropped connection, a 5xx) may
+        find the file gone: that attempt deleted it, so that 404 is success. A 404 on the
+        first attempt is NotFoundError.
+        """
         file_id = require_id(id, "file id")
         client = self._client
-        payload = await client._send_json(
-            "DELETE",
-            client._url("files", file_id),
-            what="DELETE /files/{id}",
-            max_retries=max_retries,
-        )
-        return structure(payload, FileDeleteResponse)
+        url = client._url("files", file_id)
+        maybe_deleted = False
+
+        async def attempt() -> FileDeleteResponse:
+            nonlocal maybe_deleted
+            try:
+                response = await client._send_once("DELETE", url)
+            except NotFoundError:
+                if not maybe_deleted:
+                    raise
+                logger.info("delete %s: gone on retry, deleted by the attempt that failed", file_id)
+                return FileDeleteResponse(id=file_id, deleted=True)
+            except APIError as exc:
+                maybe_deleted = maybe_deleted or is_ambiguous_create_failure(exc)
+                raise
+            payload = decode_json(response.body, what="DELETE /files/{id}")
+            return structure(payload, FileDeleteResponse)
+
+        return await client._with_retries(attempt, max_retries=max_retries)
 
     # ---- content --------------------------------------------------------------------------
 
