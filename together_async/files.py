@@ -16,7 +16,7 @@ import secrets
 import stat as stat_module
 import tempfile
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Union
@@ -319,6 +319,7 @@ class Files:
         filename: str | None = None,
         endpoint: str | None = None,
         max_retries: int | None = None,
+        on_file_id: Callable[[str], Awaitable[object]] | None = None,
     ) -> FileObject:
         """Upload a file and return it as the API stores it.
 
@@ -336,6 +337,10 @@ class Files:
             endpoint: the batch endpoint the file is for, so lines with another `url` are
                 caught by the check.
             max_retries: overrides the client's setting for this call.
+            on_file_id: awaited with the id the API assigned to the file before its bytes
+                are sent to storage, so a process killed mid-upload leaves a record of the
+                incomplete remote file (to delete, or to finish). Not called when the API
+                answers with an existing file, or takes the file in one request.
 
         Example:
             uploaded = await client.files.upload("requests.jsonl")
@@ -352,12 +357,17 @@ class Files:
                 validate=check and purpose_value == _BATCH_API,
                 endpoint=endpoint_value,
             )
-            return await self._upload(source, purpose_value, checksum, max_retries)
+            return await self._upload(source, purpose_value, checksum, max_retries, on_file_id)
         finally:
             await source.aclose()
 
     async def _upload(
-        self, source: _UploadSource, purpose: str, checksum: str, max_retries: int | None
+        self,
+        source: _UploadSource,
+        purpose: str,
+        checksum: str,
+        max_retries: int | None,
+        on_file_id: Callable[[str], Awaitable[object]] | None,
     ) -> FileObject:
         client = self._client
 
@@ -378,7 +388,7 @@ class Files:
             max_retries=max_retries,
         )
         if response.status in REDIRECT_STATUSES:
-            return await self._presigned(source, response, max_retries)
+            return await self._presigned(source, response, max_retries, on_file_id)
         if response.status == 409:
             return await self._existing(response, max_retries)
         if response.status in (404, 405):
@@ -419,7 +429,11 @@ class Files:
         return await self.retrieve(file_id, max_retries=max_retries)
 
     async def _presigned(
-        self, source: _UploadSource, response: Response, max_retries: int | None
+        self,
+        source: _UploadSource,
+        response: Response,
+        max_retries: int | None,
+        on_file_id: Callable[[str], Awaitable[object]] | None,
     ) -> FileObject:
         client = self._client
         location = get_header(response.headers, "location")
@@ -430,6 +444,8 @@ class Files:
             )
         file_id = file_id.strip()
         storage_url = resolve_location(response.url, location)
+        if on_file_id is not None:
+            await on_file_id(file_id)
         # A storage that answers 200 but keeps nothing (or a part) shows in the file the API
         # then reports: PUT again, as often as a failed request would be retried.
         attempts = client.config.attempts_for(max_retries)
@@ -442,15 +458,7 @@ class Files:
                     f"uploading {source.label} failed after POST /files created file "
                     f"{file_id}, which is left without its content (delete it or upload again)",
                 ) from exc
-            preprocessed = await client._send_json(
-                "POST",
-                client._url("files", file_id, "preprocess"),
-                what="POST /files/{id}/preprocess",
-                max_retries=max_retries,
-            )
-            if isinstance(preprocessed, dict) and isinstance(preprocessed.get("file"), dict):
-                preprocessed = preprocessed["file"]
-            uploaded = structure(preprocessed, FileObject)
+            uploaded = await self._preprocess(file_id, max_retries)
             if uploaded.bytes is None or uploaded.bytes == source.size:
                 return uploaded
             logger.warning(
@@ -466,6 +474,19 @@ class Files:
             f"storage accepted {source.label} {attempts} time(s) but file {file_id} holds "
             f"{uploaded.bytes} of its {source.size} bytes (delete it or upload again)"
         )
+
+    async def _preprocess(self, file_id: str, max_retries: int | None) -> FileObject:
+        """POST /files/{id}/preprocess: finish a presigned upload; the file as it now is."""
+        client = self._client
+        preprocessed = await client._send_json(
+            "POST",
+            client._url("files", file_id, "preprocess"),
+            what="POST /files/{id}/preprocess",
+            max_retries=max_retries,
+        )
+        if isinstance(preprocessed, dict) and isinstance(preprocessed.get("file"), dict):
+            preprocessed = preprocessed["file"]
+        return structure(preprocessed, FileObject)
 
     async def _put(self, source: _UploadSource, url: str, max_retries: int | None) -> None:
         """PUT the bytes to storage, following at most a few redirects (re-streaming each hop);

@@ -55,9 +55,9 @@ import anyio.to_thread
 import attrs
 from anyio.streams.memory import MemoryObjectSendStream
 
-from ._errors import InvalidArgumentError, ManifestMismatchError, NotFoundError
+from ._errors import APIStatusError, InvalidArgumentError, ManifestMismatchError, NotFoundError
 from ._jsonl import LineSplitter
-from ._models import BatchEndpoint, BatchJob, BatchResult
+from ._models import BatchEndpoint, BatchJob, BatchResult, FileObject
 from ._protocol import may_be_the_created_job, require_endpoint
 from ._sharding import InputSharder, ShardAccounting, WrittenShard, ids_path
 from .manifest import Manifest, ShardRecord, ShardStep
@@ -86,6 +86,7 @@ RequestsInput = Union[str, "os.PathLike[str]", Iterable[Any], AsyncIterable[Any]
 
 MAX_REQUESTS_PER_BATCH = 50_000
 MAX_BYTES_PER_BATCH = 100 * 1024 * 1024
+_FAILED_FILE = frozenset({"FAILED", "INVALID_FORMAT"})
 CLEANUP_TIMEOUT = 30.0
 """Seconds that cancelling remote jobs may take when a run is cancelled or fails."""
 
@@ -683,10 +684,50 @@ class _Pipeline:
 
     async def _upload(self, shard: ShardRecord) -> ShardRecord:
         path = self._workspace.inputs / shard.input_name
+        manifest = self._manifest
+
+        async def remember(file_id: str) -> None:
+            await manifest.record_upload_started(shard.id, file_id)
+
         async with self._uploads:
-            uploaded = await self._client.files.upload(path, purpose="batch-api", check=False)
+            if shard.file_id is not None:
+                reused = await self._finish_interrupted_upload(shard, shard.file_id)
+                if reused is not None:
+                    return await manifest.record_uploaded(shard.id, reused)
+            uploaded = await self._client.files.upload(
+                path, purpose="batch-api", check=False, on_file_id=remember
+            )
         logger.debug("shard %d uploaded as %s", shard.id, uploaded.id)
-        return await self._manifest.record_uploaded(shard.id, uploaded.id)
+        return await manifest.record_uploaded(shard.id, uploaded.id)
+
+    async def _finish_interrupted_upload(self, shard: ShardRecord, file_id: str) -> str | None:
+        """A crashed run got `file_id` for this shard and may not have sent its bytes: the
+        id to reuse when the server holds the file complete, else None once it is deleted."""
+        files = self._client.files
+        try:
+            held = await files.retrieve(file_id)
+        except NotFoundError:
+            held = None  # not visible: never completed (or gone); delete what may be left
+        status = (held.processing_status or "").upper() if held is not None else ""
+        if held is not None and held.bytes == shard.bytes and status not in _FAILED_FILE:
+            finished: FileObject | None = held
+            if not (held.processed or status == "COMPLETED"):
+                try:
+                    finished = await files._preprocess(file_id, None)
+                except APIStatusError as exc:
+                    logger.info("shard %d: file %s cannot be finished: %s", shard.id, file_id, exc)
+                    finished = None
+            if finished is not None and finished.bytes in (None, shard.bytes):
+                logger.info("shard %d: reusing file %s of a crashed run", shard.id, file_id)
+                return file_id
+        try:
+            await files.delete(file_id)
+            logger.info(
+                "shard %d: deleted the incomplete file %s of a crashed run", shard.id, file_id
+            )
+        except NotFoundError:
+            pass
+        return None
 
     async def _create(self, shard: ShardRecord) -> ShardRecord:
         file_id = shard.file_id

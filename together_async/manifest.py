@@ -333,6 +333,14 @@ class Manifest:
         """One shard by id."""
         return await self._call(self._shard, shard_id)
 
+    async def record_upload_started(self, shard_id: int, file_id: str) -> ShardRecord:
+        """The API assigned `file_id` to the shard's input; its bytes are not sent yet.
+
+        The shard stays WRITTEN: a resumed run finds the id and finishes or deletes that
+        file instead of leaving it behind.
+        """
+        return await self._update(shard_id, ShardStep.WRITTEN, file_id=file_id)
+
     async def record_uploaded(self, shard_id: int, file_id: str) -> ShardRecord:
         """The shard's input file was uploaded as `file_id`."""
         return await self._update(shard_id, ShardStep.UPLOADED, file_id=file_id)
