@@ -11,7 +11,13 @@ from typing import Any
 import orjson
 import pytest
 
-from together_async import AsyncTogether, InvalidArgumentError
+from together_async import (
+    AsyncTogether,
+    BatchWatcher,
+    ClientConfig,
+    InvalidArgumentError,
+    gather_batches,
+)
 from together_async.emulator import Emulator
 
 pytestmark = pytest.mark.timeout(60)
@@ -124,3 +130,52 @@ async def test_non_utf8_file_name_uploads_under_a_readable_name(
     uploaded = await client.files.upload(path)
     assert uploaded.filename == "requests-\ufffd\ufffd.jsonl"
     assert uploaded.bytes == path.stat().st_size
+
+
+@pytest.mark.parametrize("base_url", [5, "not a url", "https://h:99999/v1"])
+def test_client_config_checks_its_base_url(base_url: Any) -> None:
+    """ClientConfig(base_url=...) built directly is checked like AsyncTogether's."""
+    with pytest.raises(InvalidArgumentError, match="base_url"):
+        ClientConfig(base_url=base_url)
+
+
+@pytest.mark.parametrize("config", [None, "https://api.together.ai/v1", {"api_key": "k"}])
+def test_from_config_needs_a_client_config(config: Any) -> None:
+    """AsyncTogether.from_config with something else than a ClientConfig is refused."""
+    with pytest.raises(InvalidArgumentError, match="ClientConfig"):
+        AsyncTogether.from_config(config)
+
+
+def test_timeout_none_is_refused() -> None:
+    """timeout=None is InvalidArgumentError (a number of seconds is required), not TypeError."""
+    with pytest.raises(InvalidArgumentError, match="timeout"):
+        AsyncTogether(api_key=API_KEY, timeout=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("progress", ["yes", 1, object(), [1]])
+async def test_progress_that_is_no_observer_is_refused(
+    client: AsyncTogether, emulator: Emulator, progress: Any
+) -> None:
+    """gather(progress=...) that is neither a bool nor an observer is refused before any
+    upload."""
+    rows = [{"messages": [{"role": "user", "content": "hi"}]}]
+    with pytest.raises(InvalidArgumentError, match="progress must be"):
+        await gather_batches(client, rows, model="m", progress=progress)
+    assert emulator.stats["POST", "/files"] == 0
+
+
+@pytest.mark.parametrize("ids", [None, 3, object()])
+async def test_watcher_ids_that_are_no_collection_are_refused(
+    client: AsyncTogether, ids: Any
+) -> None:
+    """BatchWatcher / stream_statuses with ids that are not a collection are refused."""
+    with pytest.raises(InvalidArgumentError, match="ids must be a collection"):
+        BatchWatcher(client.batches, ids)
+    with pytest.raises(InvalidArgumentError, match="ids must be a collection"):
+        client.batches.stream_statuses(ids)
+
+
+async def test_purpose_with_a_surrogate_is_refused(client: AsyncTogether) -> None:
+    """files.upload(purpose=...) with a lone surrogate is InvalidArgumentError."""
+    with pytest.raises(InvalidArgumentError, match="purpose"):
+        await client.files.upload(request_line("a"), purpose="batch-\udcff")

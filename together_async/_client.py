@@ -106,6 +106,10 @@ class AsyncTogether:
         cls, config: ClientConfig, *, session: aiohttp.ClientSession | None = None
     ) -> AsyncTogether:
         """A client with every setting spelled out, retry waits included."""
+        if not isinstance(config, ClientConfig):
+            raise InvalidArgumentError(
+                f"config must be a ClientConfig, got {type(config).__name__}"
+            )
         client = cls.__new__(cls)
         client._setup(config, session)
         return client

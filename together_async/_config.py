@@ -118,7 +118,7 @@ class ClientConfig:
     """
 
     api_key: str | None = attrs.field(repr=False, default=None)
-    base_url: str = DEFAULT_BASE_URL
+    base_url: str = attrs.field(default=DEFAULT_BASE_URL, converter=normalise_base_url)
     timeout: float = 60.0
     max_retries: int = 5
     retry_wait_initial: float = 0.5
@@ -129,7 +129,7 @@ class ClientConfig:
 
     def __attrs_post_init__(self) -> None:
         _check_positive("timeout", self.timeout)
-        if self.timeout <= 0:
+        if self.timeout is None or self.timeout <= 0:
             raise InvalidArgumentError(f"timeout must be > 0 seconds, got {self.timeout!r}")
         _check_retries("max_retries", self.max_retries)
         for name in (

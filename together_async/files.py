@@ -345,7 +345,9 @@ class Files:
         Example:
             uploaded = await client.files.upload("requests.jsonl")
         """
-        purpose_value = str(FilePurpose(purpose)) if isinstance(purpose, str) else None
+        purpose_value = (
+            str(FilePurpose(require_text(purpose, "purpose"))) if isinstance(purpose, str) else None
+        )
         if not purpose_value:
             raise InvalidArgumentError(f"purpose must be a non-empty string, got {purpose!r}")
         if filename is not None and (not require_text(filename, "filename").strip()):

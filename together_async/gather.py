@@ -61,7 +61,7 @@ from ._models import BatchEndpoint, BatchJob, BatchResult, FileObject
 from ._protocol import may_be_the_created_job, require_endpoint
 from ._sharding import InputSharder, ShardAccounting, WrittenShard, ids_path
 from .manifest import Manifest, ShardRecord, ShardStep
-from .watch import BatchWatcher, JobObserver, PollSchedule
+from .watch import BatchWatcher, JobObserver, PollSchedule, check_progress
 
 if sys.version_info >= (3, 11):
     from builtins import BaseExceptionGroup
@@ -237,6 +237,7 @@ class BatchRun:
         self._state_path = _check_state_path(state_path)
         self._cancel_on_exit = (state_path is None) if cancel_on_exit is None else cancel_on_exit
         self._delete_files = bool(delete_files)
+        check_progress(progress)
         self._progress = progress
         PollSchedule(poll_interval=poll_interval, max_interval=max_interval)  # checks them
         self._poll_interval = poll_interval
