@@ -36,7 +36,6 @@ from ._jsonl import CHUNK_SIZE, aiter_json, aiter_lines, check_batch_chunks, rai
 from ._models import DownloadedFile, FileDeleteResponse, FileList, FileObject, FilePurpose
 from ._protocol import (
     REDIRECT_STATUSES,
-    check_upload_url,
     decode_json,
     error_from_response,
     get_header,
@@ -47,6 +46,7 @@ from ._protocol import (
     user_agent,
     with_context,
 )
+from ._safe_url import check_upload_url
 from ._transport import FormField, Response
 
 if TYPE_CHECKING:
