@@ -264,7 +264,9 @@ def _is_loopback_api(api_base_url: str) -> bool:
         host = URL(api_base_url).raw_host
     except (ValueError, TypeError):
         return False
-    return bool(host) and refusal_for_host(host or "", allow_loopback=False) is Refusal.LOOPBACK
+    if not host:
+        return False
+    return refusal_for_host(host, allow_loopback=False) is Refusal.LOOPBACK
 
 
 def _same_host(written: str, reached: str) -> bool:
@@ -302,11 +304,13 @@ def check_upload_url(url: str, *, api_base_url: str) -> str:
     scheme = parsed.scheme.lower()
     if scheme not in ("http", "https"):
         raise UnsafeURLError(
-            f"refusing to upload to {scheme or 'a scheme-less URL'}://{written}: "
+            f"refusing to upload to {written} {f'over {scheme}' if scheme else '(no scheme)'}: "
             f"{Refusal.SCHEME.value}"
         )
     if scheme == "http" and api_scheme != "http":
-        raise UnsafeURLError(f"refusing to upload to http://{written}: {Refusal.PLAIN_HTTP.value}")
+        raise UnsafeURLError(
+            f"refusing to upload to {written} over http: {Refusal.PLAIN_HTTP.value}"
+        )
     raw_host = parsed.raw_host
     if not raw_host:
         raise UnsafeURLError(f"refusing to upload to {written}: {Refusal.NO_HOST.value}")
