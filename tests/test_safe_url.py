@@ -5,16 +5,20 @@ bypass attempts and of real storage URLs, then whole uploads against a raw serve
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from raw_server import RawConnection, RawRequest, RawServer, http_response
 
 from together_async import AsyncTogether, ClientConfig, UnsafeURLError
-from together_async._safe_url import Refusal, check_upload_url, host_for_message
+from together_async._safe_url import Refusal, _loose_ipv4, check_upload_url, host_for_message
 
 HTTPS_API = "https://api.together.ai/v1"
 LOOPBACK_API = "http://127.0.0.1:8080/v1"
@@ -273,6 +277,20 @@ def test_plain_http_is_allowed_when_the_api_is_http() -> None:
 def test_host_for_message_keeps_only_the_host(url: str, shown: str) -> None:
     """The text shown for a URL is its host as written: no userinfo, path, query or newline."""
     assert host_for_message(url) == shown
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's inet_aton is the reference")
+@given(st.text(alphabet="0123456789abcdefxX.", min_size=1, max_size=24))
+@example("0xa9.0376.43518")
+@example("0x7f.00000.0.01")
+@example("4311744513")
+def test_ipv4_is_read_as_the_system_resolver_reads_it(host: str) -> None:
+    """Whenever the C library reads a host as an IPv4 address, the guard reads the same one."""
+    try:
+        packed = socket.inet_aton(host)
+    except OSError:
+        return
+    assert _loose_ipv4(host) == ipaddress.IPv4Address(packed)
 
 
 # ---- whole uploads against a raw server ---------------------------------------------------
