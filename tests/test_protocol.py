@@ -351,8 +351,7 @@ def test_relative_location_is_resolved() -> None:
     "location", ["https://[::1/upload?sig=SECRET", "https://[zz::1]/upload?sig=SECRET"]
 )
 def test_malformed_location_is_an_unsafe_url_error(location: str) -> None:
-    """A Location urllib cannot parse is UnsafeURLError naming its host, not ValueError, and
-    without its query."""
+    """A Location urllib cannot parse is UnsafeURLError (host shown, query not), not ValueError."""
     with pytest.raises(UnsafeURLError, match="malformed Location") as caught:
         resolve_location("https://api.example/v1/files", location)
     assert "SECRET" not in str(caught.value)

@@ -363,9 +363,7 @@ def utf8_header(text: str) -> str:
 async def test_upload_redirected_to_metadata_connects_nowhere(
     location: str, connects: list[Any]
 ) -> None:
-    """POST /files pointing the upload at the metadata service, in an obfuscated spelling, is
-    UnsafeURLError naming the file left behind, not the signature; nothing but the API is
-    resolved or connected to, and the API sees no PUT."""
+    """An upload aimed at obfuscated metadata is UnsafeURLError; only the API is connected to."""
     async with RawServer(redirecting_api(location)) as api:
         async with api_client(f"{api.url}/v1") as client:
             with pytest.raises(UnsafeURLError, match="cloud metadata") as caught:
@@ -378,8 +376,7 @@ async def test_upload_redirected_to_metadata_connects_nowhere(
 
 
 async def test_upload_to_an_unspecified_address_never_reaches_the_local_storage() -> None:
-    """`0x0.0` is 0.0.0.0, which reaches this machine's listeners (nothing here stops that but
-    the guard): the storage listening on that port is never connected to."""
+    """A Location on `0x0.0` (0.0.0.0, this machine) never reaches the storage listening there."""
 
     async def storage_script(request: RawRequest, conn: RawConnection) -> None:
         await conn.write(http_response(200))
@@ -394,8 +391,7 @@ async def test_upload_to_an_unspecified_address_never_reaches_the_local_storage(
 
 
 async def test_storage_redirect_to_metadata_is_not_followed(connects: list[Any]) -> None:
-    """A storage host answering the PUT with a 307 to the metadata service (as a decimal
-    number) gets the one PUT; the redirect is refused and never connected to."""
+    """A storage 307 to metadata (as a decimal number) is refused and never connected to."""
 
     async def storage_script(request: RawRequest, conn: RawConnection) -> None:
         location = "http://2852039166/latest/meta-data/iam?sig=SIGSECRET"
@@ -423,8 +419,7 @@ async def test_storage_redirect_to_metadata_is_not_followed(connects: list[Any])
 async def test_malformed_location_is_an_unsafe_url_error(
     location: str, connects: list[Any]
 ) -> None:
-    """A Location no parser accepts is UnsafeURLError (a TogetherError), never a ValueError,
-    and shows no signature."""
+    """A Location no parser accepts is UnsafeURLError without its signature, not ValueError."""
     async with RawServer(redirecting_api(location)) as api:
         async with api_client(f"{api.url}/v1") as client:
             with pytest.raises(UnsafeURLError) as caught:
