@@ -19,7 +19,12 @@ import orjson
 import stamina
 
 from ._config import API_KEY_ENV, ClientConfig
-from ._errors import ClientClosedError, MissingAPIKeyError, TogetherError
+from ._errors import (
+    ClientClosedError,
+    InvalidArgumentError,
+    MissingAPIKeyError,
+    TogetherError,
+)
 from ._protocol import (
     APIOrigin,
     api_url,
@@ -274,7 +279,14 @@ class AsyncTogether:
         request_headers = self._headers_for(url, headers)
         body: Content = None
         if json is not None:
-            body = orjson.dumps(json)
+            try:
+                body = orjson.dumps(json)
+            except TypeError as exc:
+                # The public calls check their arguments; this is the net for anything they
+                # let through (a lone surrogate deep in a value), so no raw TypeError escapes.
+                raise InvalidArgumentError(
+                    f"{method} {url}: the request body cannot be sent as JSON ({exc})"
+                ) from None
             request_headers.setdefault("Content-Type", "application/json")
         elif content is not None:
             body = content()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import functools
 import html
+import os
 import platform
 import re
 from collections.abc import Mapping
@@ -75,10 +76,45 @@ def auth_headers(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"}
 
 
-def require_id(value: object, what: str) -> str:
-    """Return `value` if it is a usable id, else raise InvalidArgumentError before any request."""
+def require_text(value: object, what: str) -> str:
+    """Return `value` if it is a str that can be sent (as UTF-8), else raise InvalidArgumentError.
+
+    A lone surrogate is what a name read with `errors="surrogateescape"` (a non-UTF-8 file
+    name, a misdecoded argv) carries: it cannot go on the wire, and failing here says where
+    instead of deep in the JSON encoder or the HTTP stack.
+    """
     if not isinstance(value, str):
         raise InvalidArgumentError(f"{what} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(
+            f"{what} {value!r} has a character that is not valid Unicode "
+            f"({value[exc.start]!r} at position {exc.start + 1}); was it decoded from bytes "
+            "that are not UTF-8?"
+        ) from None
+    if "\x00" in value:
+        raise InvalidArgumentError(f"{what} {value!r} contains a NUL character")
+    return value
+
+
+def wire_name(name: str) -> str:
+    """A local file name as it can be sent: undecodable bytes become U+FFFD.
+
+    For a name taken from the file system (not one the caller chose), refusing would make a
+    file impossible to upload for a name that is only metadata.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", errors="replace")
+    return name
+
+
+def require_id(value: object, what: str) -> str:
+    """Return `value` if it is a usable id, else raise InvalidArgumentError before any request."""
+    require_text(value, what)
+    assert isinstance(value, str)
     if not value.strip():
         raise InvalidArgumentError(f"{what} must not be empty")
     if value in (".", ".."):

@@ -295,7 +295,7 @@ def check_upload_url(url: str, *, api_base_url: str) -> str:
     try:
         parsed = URL(url)
     except (ValueError, TypeError) as exc:
-        # yarl's reasons (a port out of range, an unclosed bracket) name no query.
+        # yarl's reasons name the port or the host; one that might quote the query is not shown.
         reason = str(exc) if "?" not in str(exc) else "unparsable"
         raise UnsafeURLError(
             f"refusing to upload to {written}: {Refusal.MALFORMED.value} ({reason})"
@@ -314,7 +314,8 @@ def check_upload_url(url: str, *, api_base_url: str) -> str:
     raw_host = parsed.raw_host
     if not raw_host:
         raise UnsafeURLError(f"refusing to upload to {written}: {Refusal.NO_HOST.value}")
-    # An empty userinfo (`https://@host/`), which yarl drops, is refused too.
+    # Userinfo would go to storage as credentials; an empty one (`https://@host/`, which yarl
+    # drops) has no use in a presigned URL either.
     if parsed.raw_user is not None or parsed.raw_password is not None or "@" in _authority(url):
         raise UnsafeURLError(f"refusing to upload to {written}: {Refusal.CREDENTIALS.value}")
     found = _host_refusal(raw_host, allow_loopback=_is_loopback_api(api_base_url))

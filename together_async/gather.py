@@ -55,9 +55,9 @@ import anyio.to_thread
 import attrs
 from anyio.streams.memory import MemoryObjectSendStream
 
-from ._errors import InvalidArgumentError, ManifestMismatchError, NotFoundError
+from ._errors import APIStatusError, InvalidArgumentError, ManifestMismatchError, NotFoundError
 from ._jsonl import LineSplitter
-from ._models import BatchEndpoint, BatchJob, BatchResult
+from ._models import BatchEndpoint, BatchJob, BatchResult, FileObject
 from ._protocol import may_be_the_created_job, require_endpoint
 from ._sharding import InputSharder, ShardAccounting, WrittenShard, ids_path
 from .manifest import Manifest, ShardRecord, ShardStep
@@ -86,6 +86,7 @@ RequestsInput = Union[str, "os.PathLike[str]", Iterable[Any], AsyncIterable[Any]
 
 MAX_REQUESTS_PER_BATCH = 50_000
 MAX_BYTES_PER_BATCH = 100 * 1024 * 1024
+_FAILED_FILE = frozenset({"FAILED", "INVALID_FORMAT"})
 CLEANUP_TIMEOUT = 30.0
 """Seconds that cancelling remote jobs may take when a run is cancelled or fails."""
 
@@ -225,11 +226,15 @@ class BatchRun:
         if model is not None and (not isinstance(model, str) or not model.strip()):
             raise InvalidArgumentError(f"model must be a non-empty string or None, got {model!r}")
         self._model = model
-        self._max_lines = _check_count("max_requests_per_batch", max_requests_per_batch)
-        self._max_bytes = _check_count("max_bytes_per_batch", max_bytes_per_batch)
+        self._max_lines = _check_count(
+            "max_requests_per_batch", max_requests_per_batch, limit=MAX_REQUESTS_PER_BATCH
+        )
+        self._max_bytes = _check_count(
+            "max_bytes_per_batch", max_bytes_per_batch, limit=MAX_BYTES_PER_BATCH
+        )
         self._max_concurrency = _check_count("max_concurrency", max_concurrency)
         self._max_attempts = _check_count("max_attempts", max_attempts)
-        self._state_path = None if state_path is None else Path(state_path)
+        self._state_path = _check_state_path(state_path)
         self._cancel_on_exit = (state_path is None) if cancel_on_exit is None else cancel_on_exit
         self._delete_files = bool(delete_files)
         self._progress = progress
@@ -321,6 +326,7 @@ class BatchRun:
             self._stats.rows = rows
             sink.start(rows)
             if rows == 0:
+                await workspace.check_nothing_recorded()
                 return
             settings = {
                 "endpoint": self._endpoint,
@@ -470,16 +476,52 @@ class _Workspace:
         manifest = await Manifest.open(state_path)
         workspace = cls(manifest, temporary, created)
         try:
+            if temporary is None and await manifest.run() is None:
+                await anyio.to_thread.run_sync(workspace._check_no_orphan_files)
             await anyio.to_thread.run_sync(workspace._make_directories)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await manifest.aclose()
+                if created:
+                    # Only the empty file this call made: a refused start leaves nothing.
+                    await anyio.Path(state_path).unlink(missing_ok=True)
             raise
         return workspace
 
     @property
     def resumable(self) -> bool:
         return self.temporary is None
+
+    def _check_no_orphan_files(self) -> None:
+        # A state file that records no run beside the files of one was lost, emptied or
+        # replaced: a fresh run would upload and bill the whole input again, and the files
+        # are the only trace of the jobs that were made.
+        for directory in (self.inputs, self.results):
+            try:
+                orphan = next((p for p in directory.iterdir() if p.is_file()), None)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                raise InvalidArgumentError(f"cannot read {directory}: {exc}") from exc
+            if orphan is not None:
+                raise ManifestMismatchError(
+                    f"{self.manifest.path} records no run, but {self.manifest.directory} holds "
+                    f"the files of one (e.g. {orphan.name}): the state file was lost, emptied or "
+                    "replaced. Restore it to resume that run, or delete "
+                    f"{self.manifest.directory} to start over (that run's jobs are not reused)"
+                )
+
+    async def check_nothing_recorded(self) -> None:
+        """Raise when an empty input meets a recorded run: that is no resume, but a mistake."""
+        if not self.resumable:
+            return
+        recorded = await self.manifest.run()
+        if recorded is not None:
+            raise ManifestMismatchError(
+                f"{self.manifest.path} records a run of {recorded.rows:,} rows, but no requests "
+                "were given now (an exhausted iterator or an empty list?); pass the same "
+                "requests again to resume it, or use another state_path"
+            )
 
     def _make_directories(self) -> None:
         for directory in (self.inputs, self.results, self.scratch):
@@ -642,10 +684,50 @@ class _Pipeline:
 
     async def _upload(self, shard: ShardRecord) -> ShardRecord:
         path = self._workspace.inputs / shard.input_name
+        manifest = self._manifest
+
+        async def remember(file_id: str) -> None:
+            await manifest.record_upload_started(shard.id, file_id)
+
         async with self._uploads:
-            uploaded = await self._client.files.upload(path, purpose="batch-api", check=False)
+            if shard.file_id is not None:
+                reused = await self._finish_interrupted_upload(shard, shard.file_id)
+                if reused is not None:
+                    return await manifest.record_uploaded(shard.id, reused)
+            uploaded = await self._client.files.upload(
+                path, purpose="batch-api", check=False, on_file_id=remember
+            )
         logger.debug("shard %d uploaded as %s", shard.id, uploaded.id)
-        return await self._manifest.record_uploaded(shard.id, uploaded.id)
+        return await manifest.record_uploaded(shard.id, uploaded.id)
+
+    async def _finish_interrupted_upload(self, shard: ShardRecord, file_id: str) -> str | None:
+        """A crashed run got `file_id` for this shard and may not have sent its bytes: the
+        id to reuse when the server holds the file complete, else None once it is deleted."""
+        files = self._client.files
+        try:
+            held = await files.retrieve(file_id)
+        except NotFoundError:
+            held = None  # not visible: never completed (or gone); delete what may be left
+        status = (held.processing_status or "").upper() if held is not None else ""
+        if held is not None and held.bytes == shard.bytes and status not in _FAILED_FILE:
+            finished: FileObject | None = held
+            if not (held.processed or status == "COMPLETED"):
+                try:
+                    finished = await files._preprocess(file_id, None)
+                except APIStatusError as exc:
+                    logger.info("shard %d: file %s cannot be finished: %s", shard.id, file_id, exc)
+                    finished = None
+            if finished is not None and finished.bytes in (None, shard.bytes):
+                logger.info("shard %d: reusing file %s of a crashed run", shard.id, file_id)
+                return file_id
+        try:
+            await files.delete(file_id)
+            logger.info(
+                "shard %d: deleted the incomplete file %s of a crashed run", shard.id, file_id
+            )
+        except NotFoundError:
+            pass
+        return None
 
     async def _create(self, shard: ShardRecord) -> ShardRecord:
         file_id = shard.file_id
@@ -940,17 +1022,37 @@ class _Pipeline:
 
 
 def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one real error inside a task group's exception group, or the group itself."""
-    cancelled = anyio.get_cancelled_exc_class()
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
+    """The one error to raise for a task group's exception group.
+
+    Shards fail independently, so two can fail at once: the caller still gets one of the
+    library's errors to catch, not a bare group. A KeyboardInterrupt or SystemExit wins (the
+    process is stopping); else the first error in the group, with the others logged and
+    noted on it. Only cancellations: the group itself.
+    """
+    cancelled: type[BaseException] = anyio.get_cancelled_exc_class()
+    leaves = [exc for exc in _leaves(group) if not isinstance(exc, cancelled)]
+    if not leaves:
+        whole: BaseException = group
+        return whole
+    stopping = [exc for exc in leaves if not isinstance(exc, Exception)]
+    first = stopping[0] if stopping else leaves[0]
+    others = [exc for exc in leaves if exc is not first]
+    add_note = getattr(first, "add_note", None)  # Python 3.11+
+    for other in others:
+        logger.warning("another shard failed at the same time: %s: %s", type(other).__name__, other)
+        if add_note is not None:
+            add_note(f"another shard failed at the same time: {type(other).__name__}: {other}")
+    return first
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        elif not isinstance(exc, cancelled):
-            leaves.append(exc)
-    return leaves[0] if len(leaves) == 1 else group
+            found.extend(_leaves(exc))
+        else:
+            found.append(exc)
+    return found
 
 
 def _check_requests(requests: Any) -> RequestsInput:
@@ -972,10 +1074,30 @@ def _check_endpoint(endpoint: Any) -> str:
     return require_endpoint(endpoint)
 
 
-def _check_count(name: str, value: Any) -> int:
+def _check_count(name: str, value: Any, *, limit: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+    if limit is not None and value > limit:
+        # Refused, not clamped: a value past the API's limit is a mistake to hear about, and
+        # a clamped run would shard differently from what its caller asked (and recorded).
+        raise InvalidArgumentError(
+            f"{name} is {value:,}, above the Batch API's limit of {limit:,} per job"
+        )
     return value
+
+
+def _check_state_path(value: Any) -> Path | None:
+    if value is None:
+        return None
+    try:
+        text = os.fspath(value)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"state_path must be a path (str or os.PathLike) or None, got {type(value).__name__}"
+        ) from None
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidArgumentError(f"state_path must be a non-empty str path, got {value!r}")
+    return Path(text)
 
 
 async def gather_batches(
