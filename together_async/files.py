@@ -38,7 +38,6 @@ from ._jsonl import CHUNK_SIZE, aiter_json, aiter_lines, check_batch_chunks, rai
 from ._models import DownloadedFile, FileDeleteResponse, FileList, FileObject, FilePurpose
 from ._protocol import (
     REDIRECT_STATUSES,
-    check_upload_url,
     decode_json,
     error_from_response,
     get_header,
@@ -52,6 +51,7 @@ from ._protocol import (
     wire_name,
     with_context,
 )
+from ._safe_url import check_upload_url
 from ._transport import FormField, Response
 
 if TYPE_CHECKING:
