@@ -138,6 +138,12 @@ class ClaimRegistry:
         self._claims: OrderedDict[str, datetime | None] = OrderedDict()
         self._active: Counter[datetime] = Counter()
         self._gates: dict[str, _Gate] = {}
+        self._sends_started = 0
+
+    @property
+    def sends_started(self) -> int:
+        """Creates this client has sent so far (a listing taken before the next is stale)."""
+        return self._sends_started
 
     def __len__(self) -> int:
         return len(self._claims)
@@ -225,6 +231,7 @@ class ClaimRegistry:
             while gate.closed is not None:
                 await gate.closed.wait()
             gate.sending += 1
+            self._sends_started += 1
             try:
                 yield
             finally:

@@ -621,6 +621,7 @@ class _Pipeline:
         # (set inside create_batch, so a cancellation right after still knows it is ours).
         self._claimed: dict[int, str] = {}
         self._listing: dict[str, list[BatchJob]] | None = None
+        self._listing_sends = 0  # the client's creates sent before that listing
         self._known_batch_ids: set[str] = set()
         self._listing_lock = anyio.Lock()
         self._delivered = bytearray(rows)
@@ -776,27 +777,34 @@ class _Pipeline:
         return shard
 
     async def _existing_job(self, shard: ShardRecord) -> BatchJob | None:
-        """The job a crashed run may have created for a CREATING shard (one list call per run)."""
+        """The job a crashed run may have created for a CREATING shard (one list call per run,
+        unless this client has sent creates since)."""
         file_id = shard.file_id
         assert file_id is not None
-        async with self._listing_lock:
-            if self._listing is None:
-                listing: dict[str, list[BatchJob]] = {}
-                for job in await self._client.batches.list_batches():
-                    if job.input_file_id is not None:
-                        listing.setdefault(job.input_file_id, []).append(job)
-                self._listing = listing
+        claims = self._client._claims
         # Uploads are deduplicated by checksum, so the file id can carry other jobs: those of a
         # follow-up's parent (identical bytes) and of other shards (known, or claimed by this
         # client), and those of other runs over the same data, made before this shard's create
         # intent or for other settings. The skew allows for the server's clock being behind
         # ours, as create_batch's reconcile does.
-        found = self._client._claims.adopt(
-            self._listing.get(file_id, []),
-            self._request(file_id),
-            not_before=self._create_time(shard),
-            ignored=frozenset(self._known_batch_ids),
-        )
+        async with claims.reconciling(file_id):
+            # Creates of this client in flight on the file have answered and claimed their
+            # jobs; one sent after the listing may have a job in it that is not claimed yet.
+            async with self._listing_lock:
+                if self._listing is None or self._listing_sends != claims.sends_started:
+                    sends = claims.sends_started
+                    listing: dict[str, list[BatchJob]] = {}
+                    for job in await self._client.batches.list_batches():
+                        if job.input_file_id is not None:
+                            listing.setdefault(job.input_file_id, []).append(job)
+                    self._listing, self._listing_sends = listing, sends
+                jobs = self._listing.get(file_id, [])
+            found = claims.adopt(
+                jobs,
+                self._request(file_id),
+                not_before=self._create_time(shard),
+                ignored=frozenset(self._known_batch_ids),
+            )
         if found is not None:
             self._claimed[shard.id] = found.id
         return found
