@@ -7,13 +7,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from emulator_helpers import CHAT, chat_file
+from test_cli import RUN_TIMEOUT, ServedEmulator, _clean_env, connection, write_requests
 
 from together_async import (
     AsyncTogether,
@@ -450,3 +455,44 @@ async def test_a_cancelled_run_cancels_its_own_job_and_no_other(
             their_scope.cancel()
         assert emulator.stats["POST", "/batches/{id}/cancel"] == 2
         assert all(job.status in CANCELLED for job in await theirs.batches.list_batches())
+
+
+def test_ctrl_c_in_run_while_creating_leaves_another_runs_job_alone(tmp_path: Path) -> None:
+    """Ctrl-C in `together-async run` while its create is in flight cancels nothing of another
+    `run` over the same input (same deduplicated file), whose job runs on."""
+    server = ServedEmulator(
+        tmp_path, "--latency", "0.2", "--concurrency", "1", "--fault-slow-rate", "1",
+        "--fault-slow-seconds", "2", "--fault-route", "POST /batches",
+    )  # fmt: skip
+    write_requests(tmp_path / "in.jsonl", 80)
+    command = [
+        sys.executable, "-m", "together_async", "--debug", "run", "in.jsonl",
+        "--poll-interval", "0.05", *connection(server),
+    ]  # fmt: skip
+    options: dict[str, Any] = {"cwd": tmp_path, "env": _clean_env(), "text": True}
+    try:
+        with subprocess.Popen(
+            [*command, "-o", "theirs.jsonl"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, **options,
+        ) as theirs:  # fmt: skip
+            try:
+                (their_job,) = server.wait_for_jobs(1)
+                with subprocess.Popen(
+                    [*command, "-o", "ours.jsonl"], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE, **options,
+                ) as ours:  # fmt: skip
+                    assert ours.stderr is not None
+                    for line in ours.stderr:  # ends with the process, so the wait is bounded
+                        if "uploaded as" in line:  # its create now waits 2 s at the server
+                            ours.send_signal(signal.SIGINT)
+                            break
+                    rest = ours.stderr.read()
+                    ours.wait(timeout=RUN_TIMEOUT)
+                assert ours.returncode == 130, rest
+                jobs = {job["id"]: job for job in server.jobs()}
+                assert jobs[their_job["id"]]["status"] not in {"CANCELLED", "CANCELING"}
+            finally:
+                theirs.send_signal(signal.SIGINT)
+                theirs.wait(timeout=RUN_TIMEOUT)
+    finally:
+        server.stop()
