@@ -4,7 +4,7 @@ tests/test_safe_url.py.)"""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from urllib.parse import quote
 
 import pytest
@@ -19,7 +19,6 @@ from together_async import (
     AuthenticationError,
     BadRequestError,
     BatchEndpoint,
-    BatchJob,
     ConflictError,
     InternalServerError,
     InvalidArgumentError,
@@ -38,7 +37,6 @@ from together_async._protocol import (
     is_ambiguous_create_failure,
     is_api_url,
     is_retryable_status,
-    may_be_the_created_job,
     parse_content_range,
     parse_retry_after,
     request_id_from,
@@ -398,35 +396,3 @@ def test_unknown_endpoint_is_refused_naming_the_known_ones(endpoint: str) -> Non
     """A typo in the endpoint is refused with the list of endpoints that exist."""
     with pytest.raises(InvalidArgumentError, match="'/v1/chat/completions'"):
         require_endpoint(endpoint)
-
-
-_MADE = {"file_id": "file-1", "endpoint": "/v1/chat/completions", "not_before": NOW}
-
-
-@pytest.mark.parametrize(
-    ("job", "ignored", "matches"),
-    [
-        (
-            BatchJob(
-                id="b", input_file_id="file-1", endpoint="/v1/chat/completions", created_at=NOW
-            ),
-            frozenset(),
-            True,
-        ),
-        (BatchJob(id="b", input_file_id="file-1"), frozenset(), True),  # says nothing: counts
-        (BatchJob(id="b", input_file_id="file-2", created_at=NOW), frozenset(), False),
-        (BatchJob(id="b", input_file_id="file-1", created_at=NOW), frozenset({"b"}), False),
-        (BatchJob(id="b", input_file_id="file-1", endpoint="/v1/completions"), frozenset(), False),
-        (
-            BatchJob(id="b", input_file_id="file-1", created_at=NOW - timedelta(seconds=1)),
-            frozenset(),
-            False,
-        ),
-    ],
-)
-def test_job_a_lost_create_may_have_made(
-    job: BatchJob, ignored: frozenset[str], matches: bool
-) -> None:
-    """Same file and endpoint, made at or after the create, not ignored: a job without a date
-    or an endpoint counts."""
-    assert may_be_the_created_job(job, ignored=ignored, **_MADE) is matches

@@ -34,6 +34,7 @@ from ._protocol import (
     retry_backoff,
     user_agent,
 )
+from ._reconcile import ClaimRegistry
 from ._transport import Content, FormField, Response, StreamingResponse, Transport, open_session
 from .batches import Batches
 from .files import Files
@@ -124,6 +125,8 @@ class AsyncTogether:
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._transport_instance: Transport | None = None
         self._state = _State.UNOPENED
+        # The jobs this client's create_batch calls made or adopted: never one job for two.
+        self._claims = ClaimRegistry(skew=config.create_reconcile_skew)
         self.files = Files(self)
         self.batches = Batches(self)
 

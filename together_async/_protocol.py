@@ -31,7 +31,7 @@ from ._errors import (
     UnsafeURLError,
     status_error_class,
 )
-from ._models import BatchEndpoint, BatchJob
+from ._models import BatchEndpoint
 from ._safe_url import host_for_message
 
 __all__ = [
@@ -44,7 +44,6 @@ __all__ = [
     "get_header",
     "require_endpoint",
     "is_ambiguous_create_failure",
-    "may_be_the_created_job",
     "is_api_url",
     "is_retryable_status",
     "parse_content_range",
@@ -266,22 +265,6 @@ def retry_backoff(exc: Exception, *, retry_after_max: float) -> bool | float:
             return float(wait)
         return True
     return isinstance(exc, APIConnectionError)
-
-
-def may_be_the_created_job(
-    job: BatchJob, *, file_id: str, endpoint: str, not_before: datetime, ignored: frozenset[str]
-) -> bool:
-    """Whether `job` may be the one a create whose answer was lost made: same input file and
-    endpoint, made at or after `not_before` (the create's time less the allowed clock skew),
-    not one of `ignored`. A job that does not say when it was made, or for what, counts:
-    adopting it risks less than billing a second job. (create_batch's reconcile and
-    gather's resume share this rule.)"""
-    return (
-        job.input_file_id == file_id
-        and job.id not in ignored
-        and (job.endpoint is None or job.endpoint == endpoint)
-        and (job.created_at is None or job.created_at >= not_before)
-    )
 
 
 def is_ambiguous_create_failure(exc: Exception) -> bool:

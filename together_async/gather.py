@@ -58,8 +58,10 @@ from anyio.streams.memory import MemoryObjectSendStream
 from ._errors import APIStatusError, InvalidArgumentError, ManifestMismatchError, NotFoundError
 from ._jsonl import LineSplitter
 from ._models import BatchEndpoint, BatchJob, BatchResult, FileObject
-from ._protocol import may_be_the_created_job, require_endpoint
+from ._protocol import require_endpoint
+from ._reconcile import CreateRequest, claim_hook, may_have_made
 from ._sharding import InputSharder, ShardAccounting, WrittenShard, ids_path
+from .batches import create_request
 from .manifest import Manifest, ShardRecord, ShardStep
 from .watch import BatchWatcher, JobObserver, PollSchedule, check_progress
 
@@ -614,8 +616,12 @@ class _Pipeline:
         self._waiting: dict[str, anyio.Event] = {}
         self._outstanding = 0
         self._live: dict[int, str] = {}  # shard id -> batch id, job not seen finished
-        self._creating: dict[int, str] = {}  # shard id -> file id, create_batch in flight
+        self._creating: dict[int, ShardRecord] = {}  # create_batch in flight (CREATING)
+        # shard id -> the job its create_batch made or adopted, from the moment it is claimed
+        # (set inside create_batch, so a cancellation right after still knows it is ours).
+        self._claimed: dict[int, str] = {}
         self._listing: dict[str, list[BatchJob]] | None = None
+        self._listing_sends = 0  # the client's creates sent before that listing
         self._known_batch_ids: set[str] = set()
         self._listing_lock = anyio.Lock()
         self._delivered = bytearray(rows)
@@ -647,6 +653,7 @@ class _Pipeline:
             if error is exc:
                 raise
         finally:
+            self._release_unrecorded_claims()
             await self._watcher.aclose()
         if error is not None:
             raise error
@@ -730,21 +737,33 @@ class _Pipeline:
             pass
         return None
 
+    def _request(self, file_id: str) -> CreateRequest:
+        run = self._run
+        return create_request(
+            file_id,
+            run._endpoint,
+            completion_window=run._completion_window,
+            model_id=run._model,
+        )
+
     async def _create(self, shard: ShardRecord) -> ShardRecord:
         file_id = shard.file_id
         assert file_id is not None
         job = await self._existing_job(shard) if shard.step is ShardStep.CREATING else None
         if job is None:
+            request = self._request(file_id)
             shard = await self._manifest.record_create_intent(shard.id)
-            self._creating[shard.id] = file_id
-            job = await self._client.batches.create_batch(
-                file_id,
-                self._run._endpoint,
-                completion_window=self._run._completion_window,
-                model_id=self._run._model,
-                # A follow-up shard can share its parent's file id (identical bytes).
-                ignore_jobs=frozenset(self._known_batch_ids),
-            )
+            self._creating[shard.id] = shard
+            shard_id = shard.id
+            with claim_hook(lambda claimed: self._claimed.__setitem__(shard_id, claimed.id)):
+                job = await self._client.batches.create_batch(
+                    file_id,
+                    request.endpoint,
+                    completion_window=self._run._completion_window,
+                    model_id=request.model_id,
+                    # A follow-up shard can share its parent's file id (identical bytes).
+                    ignore_jobs=frozenset(self._known_batch_ids),
+                )
             self._stats.jobs += 1
             logger.info("shard %d: created batch %s", shard.id, job.id)
         else:
@@ -754,50 +773,46 @@ class _Pipeline:
         self._known_batch_ids.add(job.id)
         shard = await self._manifest.record_submitted(shard.id, job.id)
         self._creating.pop(shard.id, None)
+        self._claimed.pop(shard.id, None)
         return shard
 
     async def _existing_job(self, shard: ShardRecord) -> BatchJob | None:
-        """The job a crashed run may have created for a CREATING shard (one list call per run)."""
+        """The job a crashed run may have created for a CREATING shard (one list call per run,
+        unless this client has sent creates since)."""
         file_id = shard.file_id
         assert file_id is not None
-        async with self._listing_lock:
-            if self._listing is None:
-                listing: dict[str, list[BatchJob]] = {}
-                for job in await self._client.batches.list_batches():
-                    if job.input_file_id is not None:
-                        listing.setdefault(job.input_file_id, []).append(job)
-                self._listing = listing
+        claims = self._client._claims
         # Uploads are deduplicated by checksum, so the file id can carry other jobs: those of a
-        # follow-up's parent (identical bytes), owned by a known shard, and those of other runs
-        # over the same data, made before this shard's create intent or for another endpoint.
-        # None is a match. The skew allows for the server's clock being behind ours, as
-        # create_batch's reconcile does.
+        # follow-up's parent (identical bytes) and of other shards (known, or claimed by this
+        # client), and those of other runs over the same data, made before this shard's create
+        # intent or for other settings. The skew allows for the server's clock being behind
+        # ours, as create_batch's reconcile does.
+        async with claims.reconciling(file_id):
+            # Creates of this client in flight on the file have answered and claimed their
+            # jobs; one sent after the listing may have a job in it that is not claimed yet.
+            async with self._listing_lock:
+                if self._listing is None or self._listing_sends != claims.sends_started:
+                    sends = claims.sends_started
+                    listing: dict[str, list[BatchJob]] = {}
+                    for job in await self._client.batches.list_batches():
+                        if job.input_file_id is not None:
+                            listing.setdefault(job.input_file_id, []).append(job)
+                    self._listing, self._listing_sends = listing, sends
+                jobs = self._listing.get(file_id, [])
+            found = claims.adopt(
+                jobs,
+                self._request(file_id),
+                not_before=self._create_time(shard),
+                ignored=frozenset(self._known_batch_ids),
+            )
+        if found is not None:
+            self._claimed[shard.id] = found.id
+        return found
+
+    def _create_time(self, shard: ShardRecord) -> datetime:
+        """The earliest a job of this shard's create may say it was made (intent less skew)."""
         skew = timedelta(seconds=self._client.config.create_reconcile_skew)
-        not_before = datetime.fromtimestamp(shard.step_recorded_at, tz=timezone.utc) - skew
-        known = frozenset(self._known_batch_ids)
-        candidates = [
-            job
-            for job in self._listing.get(file_id, [])
-            if may_be_the_created_job(
-                job,
-                file_id=file_id,
-                endpoint=self._run._endpoint,
-                not_before=not_before,
-                ignored=known,
-            )
-        ]
-        if not candidates:
-            return None
-        oldest = datetime.min.replace(tzinfo=timezone.utc)
-        candidates = sorted(candidates, key=lambda job: job.created_at or oldest)
-        if len(candidates) > 1:
-            logger.warning(
-                "%d jobs run on file %s; following %s",
-                len(candidates),
-                file_id,
-                candidates[0].id,
-            )
-        return candidates[0]
+        return datetime.fromtimestamp(shard.step_recorded_at, tz=timezone.utc) - skew
 
     async def _await_job(self, shard: ShardRecord) -> ShardRecord:
         batch_id = shard.batch_id
@@ -987,32 +1002,76 @@ class _Pipeline:
     # --- leaving early ----------------------------------------------------------------
 
     async def _on_exit(self) -> None:
-        """Cancel the unfinished jobs (when asked to), shielded and bounded in time."""
+        """Cancel this run's unfinished jobs (when asked to), shielded and bounded in time.
+
+        Only jobs this run created or adopted: those it follows, and those a create_batch
+        still in flight had claimed. A create cut short before its answer may have made a job
+        too, but on a deduplicated file id that job cannot be told from another run's, so it
+        is named in a warning and left running, never cancelled.
+        """
         if not self._run._cancel_on_exit or not (self._live or self._creating):
             return
         with anyio.CancelScope(shield=True) as scope:
             scope.deadline = anyio.current_time() + CLEANUP_TIMEOUT
             to_cancel = dict(self._live)
-            if self._creating:
-                # A create_batch cut short may still have made its job: look for it.
-                try:
-                    jobs = await self._client.batches.list_batches(max_retries=1)
-                except Exception as exc:
-                    logger.warning("could not list jobs to cancel them: %s", exc)
-                    jobs = []
-                for shard_id, file_id in self._creating.items():
-                    for job in jobs:
-                        if job.input_file_id == file_id and not job.is_terminal:
-                            to_cancel[shard_id] = job.id
+            unclaimed: dict[int, ShardRecord] = {}
+            for shard_id, shard in self._creating.items():
+                if shard_id in self._claimed:
+                    to_cancel[shard_id] = self._claimed[shard_id]
+                elif shard_id not in to_cancel:
+                    unclaimed[shard_id] = shard
+            for shard_id in to_cancel:
+                # Kept claimed: a cancelled job is no one's to adopt, a resume's neither.
+                self._claimed.pop(shard_id, None)
             async with anyio.create_task_group() as group:
                 for batch_id in set(to_cancel.values()):
                     group.start_soon(self._cancel_job, batch_id)
+                if unclaimed:
+                    group.start_soon(self._warn_of_cut_short_creates, unclaimed)
             try:
                 await self._manifest.record_cancel_requested(list(to_cancel))
             except Exception as exc:
                 logger.warning("could not record the cancelled jobs: %s", exc)
         if scope.cancelled_caught:
             logger.warning("cancelling the jobs took more than %s s; gave up", CLEANUP_TIMEOUT)
+
+    def _release_unrecorded_claims(self) -> None:
+        """Jobs claimed for shards whose SUBMITTED step was never recorded belong to the
+        shard's CREATING intent, which a resume reconciles: released, so that a resume through
+        this same client can adopt them (a new process has no claims at all)."""
+        claims = self._client._claims
+        for batch_id in self._claimed.values():
+            claims.release(batch_id)
+        self._claimed.clear()
+
+    async def _warn_of_cut_short_creates(self, shards: dict[int, ShardRecord]) -> None:
+        try:
+            jobs = await self._client.batches.list_batches(max_retries=1)
+        except Exception as exc:
+            logger.warning("could not list jobs to look for cut-short creates: %s", exc)
+            return
+        claims = self._client._claims
+        ignored = frozenset(self._known_batch_ids)
+        for shard_id, shard in shards.items():
+            file_id = shard.file_id
+            assert file_id is not None
+            request = self._request(file_id)
+            since = self._create_time(shard)
+            maybe = [
+                job.id
+                for job in jobs
+                if not job.is_terminal
+                and not claims.is_claimed(job.id)
+                and may_have_made(job, request, not_before=since, ignored=ignored)
+            ]
+            if maybe:
+                logger.warning(
+                    "shard %d: its create_batch was cut short and may have made one of the "
+                    "jobs %s on file %s; left running, as it may be another run's job",
+                    shard_id,
+                    ", ".join(maybe),
+                    file_id,
+                )
 
     async def _cancel_job(self, batch_id: str) -> None:
         try:
