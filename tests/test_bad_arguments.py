@@ -179,3 +179,19 @@ async def test_purpose_with_a_surrogate_is_refused(client: AsyncTogether) -> Non
     """files.upload(purpose=...) with a lone surrogate is InvalidArgumentError."""
     with pytest.raises(InvalidArgumentError, match="purpose"):
         await client.files.upload(request_line("a"), purpose="batch-\udcff")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"model": "m-\udcff"}, {"completion_window": "2\udcffh"}, {"completion_window": ""}],
+    ids=["model", "completion_window", "empty-window"],
+)
+async def test_gather_text_options_are_checked_before_any_upload(
+    client: AsyncTogether, emulator: Emulator, options: dict[str, Any]
+) -> None:
+    """gather's model and completion_window are checked up front, not at the first create."""
+    options.setdefault("model", "m")
+    rows = [{"messages": [{"role": "user", "content": "hi"}]}]
+    with pytest.raises(InvalidArgumentError):
+        await gather_batches(client, rows, **options)
+    assert emulator.stats["POST", "/files"] == 0

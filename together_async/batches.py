@@ -24,6 +24,7 @@ from ._protocol import (
     is_ambiguous_create_failure,
     require_endpoint,
     require_id,
+    require_text,
     unwrap_job,
     with_context,
 )
@@ -67,8 +68,9 @@ def create_request(
     endpoint_value = require_endpoint(endpoint)
     if not isinstance(completion_window, str) or not completion_window.strip():
         raise InvalidArgumentError("completion_window must be a non-empty string")
-    if model_id is not None and not isinstance(model_id, str):
-        raise InvalidArgumentError("model_id must be a string")
+    require_text(completion_window, "completion_window")
+    if model_id is not None:
+        require_text(model_id, "model_id")
     if priority is not None:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidArgumentError("priority must be an int")

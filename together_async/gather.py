@@ -58,7 +58,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from ._errors import APIStatusError, InvalidArgumentError, ManifestMismatchError, NotFoundError
 from ._jsonl import LineSplitter
 from ._models import BatchEndpoint, BatchJob, BatchResult, FileObject
-from ._protocol import require_endpoint
+from ._protocol import require_endpoint, require_text
 from ._reconcile import CreateRequest, claim_hook, may_have_made
 from ._sharding import InputSharder, ShardAccounting, WrittenShard, ids_path
 from .batches import create_request
@@ -227,7 +227,7 @@ class BatchRun:
         self._endpoint = _check_endpoint(endpoint)
         if model is not None and (not isinstance(model, str) or not model.strip()):
             raise InvalidArgumentError(f"model must be a non-empty string or None, got {model!r}")
-        self._model = model
+        self._model = None if model is None else require_text(model, "model")
         self._max_lines = _check_count(
             "max_requests_per_batch", max_requests_per_batch, limit=MAX_REQUESTS_PER_BATCH
         )
@@ -244,7 +244,11 @@ class BatchRun:
         PollSchedule(poll_interval=poll_interval, max_interval=max_interval)  # checks them
         self._poll_interval = poll_interval
         self._max_interval = max_interval
-        self._completion_window = completion_window
+        if not isinstance(completion_window, str) or not completion_window.strip():
+            raise InvalidArgumentError(
+                f"completion_window must be a non-empty string, got {completion_window!r}"
+            )
+        self._completion_window = require_text(completion_window, "completion_window")
         self._started = False
         self._stats = _Stats()
 
