@@ -11,6 +11,7 @@ import json
 import os
 import pty
 import queue
+import re
 import signal
 import struct
 import subprocess
@@ -779,6 +780,71 @@ def test_run_on_a_terminal_shows_live_progress(tmp_path: Path) -> None:
     assert "200/200 rows" in drawn.decode(errors="replace")
     assert "1 job" in drawn.decode(errors="replace")
     assert stdout.startswith("Done: 200 requests")
+
+
+def on_terminal(*args: str, cwd: Path) -> tuple[int, str]:
+    """Run the CLI with stderr on a pseudo-terminal (80x24); its exit code and what the
+    terminal showed."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "together_async", *args],
+        cwd=cwd, env=_clean_env(), stdout=subprocess.PIPE, stderr=terminal, text=True,
+    )  # fmt: skip
+    os.close(terminal)
+    drawn = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the terminal's other end closed
+                return
+            if not chunk:
+                return
+            drawn.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    process.communicate(timeout=RUN_TIMEOUT)
+    reader.join(timeout=10)
+    os.close(controller)
+    return process.returncode, drawn.decode(errors="replace")
+
+
+def error_line(text: str) -> str:
+    """The `together-async: error: ...` line of what a command wrote to stderr."""
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines()]
+    found = [line for line in lines if line.startswith("together-async: error:")]
+    assert found, text
+    return re.sub(r"request id \w+", "request id ...", found[-1])
+
+
+@pytest.mark.parametrize("case", ["bad-input", "wrong-key", "state-mismatch"])
+def test_run_errors_read_the_same_on_a_terminal_as_piped(
+    tmp_path: Path, served: ServedEmulator, case: str
+) -> None:
+    """An error during `run` shows the real message on a terminal, exactly as when stderr is
+    piped: never a wrapped ExceptionGroup."""
+    write_requests(tmp_path / "in.jsonl", 5)
+    args = ["run", "in.jsonl", "-o", "out.jsonl"]
+    if case == "bad-input":
+        (tmp_path / "in.jsonl").write_text('{"custom_id": "a", "body": {}}\nnot json\n')
+        args += ["--emulator"]
+    elif case == "wrong-key":
+        args += ["--base-url", served.base_url, "--api-key", "wrong-key-1c0ffee"]
+    else:
+        write_requests(tmp_path / "other.jsonl", 7)
+        first = cli(
+            "run", "other.jsonl", "-o", "o.jsonl", "--emulator", "--state", "s.db", cwd=tmp_path
+        )
+        assert first.returncode == 0, first.stderr
+        args += ["--emulator", "--state", "s.db"]
+    piped = cli(*args, cwd=tmp_path)
+    code, shown = on_terminal(*args, cwd=tmp_path)
+    assert piped.returncode == code == 1
+    assert "ExceptionGroup" not in shown and "unexpected" not in shown
+    assert error_line(shown) == error_line(piped.stderr)
 
 
 def test_render_summary_names_the_files() -> None:

@@ -281,16 +281,24 @@ class RunDisplay:
     async def follow(self, run: BatchRun, work: Awaitable[None]) -> None:
         """Await `work` (which drives `run`) while redrawing the status line."""
         self._started = time.monotonic()
+        failure: Exception | None = None
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._redraw_forever, run)
-                await work
+                try:
+                    await work
+                except Exception as exc:
+                    # Kept out of the task group, which would wrap it in an ExceptionGroup:
+                    # the run's own error is what the user must read, as when piped.
+                    failure = exc
                 group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 summary = run.summary
                 done, text = self.status(summary)
                 await anyio.to_thread.run_sync(self.finish, summary.rows, done, text)
+        if failure is not None:
+            raise failure
 
     async def _redraw_forever(self, run: BatchRun) -> None:
         while True:
