@@ -543,6 +543,15 @@ def test_files_subcommands(
     assert call("files", "get", file_id)[0] == 1
 
 
+def test_files_upload_of_a_non_utf8_file_name(tmp_path: Path, served: ServedEmulator) -> None:
+    """`files upload` of a file whose name is not UTF-8 exits 0; the stored name has U+FFFD."""
+    name = os.fsdecode(b"in-\xff.jsonl")
+    write_requests(tmp_path / name, 2)
+    upload = cli("files", "upload", name, "--json", *connection(served), cwd=tmp_path)
+    assert upload.returncode == 0, upload.stderr
+    assert json.loads(upload.stdout)["filename"] == "in-\ufffd.jsonl"
+
+
 def test_files_download_to_stdout(tmp_path: Path, served: ServedEmulator) -> None:
     """`files download ID` without -o writes the raw content to stdout."""
     write_requests(tmp_path / "in.jsonl", 4)

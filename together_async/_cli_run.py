@@ -191,6 +191,11 @@ def check_run_paths(
         return path.resolve().is_relative_to(directory.resolve())
 
     for target, option in ((output, "-o/--output"), (errors_output, "the errors file")):
+        if target.is_dir():
+            raise InvalidArgumentError(
+                f"{option} {target} is a directory: give a file path, e.g. "
+                f"{target / 'results.jsonl'}"
+            )
         if same(target, input):
             raise InvalidArgumentError(
                 f"{option} {target} is the input file: the results would overwrite it; "

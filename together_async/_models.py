@@ -149,6 +149,7 @@ class BatchJob:
     endpoint: str | None = None
     progress: float | None = None
     model_id: str | None = None
+    priority: int | None = None
     output_file_id: str | None = None
     error_file_id: str | None = None
     error: str | None = None

@@ -80,6 +80,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _file_path(text: str) -> Path:
+    # Path("") is ".", the current directory: an empty --state is a mistake to say so.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a file path, got an empty string")
+    path = Path(text)
+    if not path.name:
+        raise argparse.ArgumentTypeError(f"must be a file path, got {text!r}")
+    return path
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -183,7 +193,7 @@ def _add_run_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     run.add_argument(
         "-o",
         "--output",
-        type=Path,
+        type=_file_path,
         required=True,
         metavar="RESULTS.jsonl",
         help="where to write the results",
@@ -196,7 +206,7 @@ def _add_run_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     run.add_argument("--model", help="model for request bodies that name none")
     run.add_argument(
         "--state",
-        type=Path,
+        type=_file_path,
         metavar="FILE",
         help="durable run state: rerun the same command after a crash or Ctrl-C to resume "
         "without creating jobs twice",

@@ -173,8 +173,12 @@ def job_to_wire(job: JobRecord) -> dict[str, Any]:
         "endpoint": job.endpoint,
         "progress": job.progress,
     }
+    # Beyond the spec's BatchJob, the request's own settings are echoed (as the seed docs'
+    # jobs carry completion_window): what a client matches a lost create's job against.
     optional = {
         "model_id": job.model_id,
+        "completion_window": job.completion_window,
+        "priority": job.priority,
         "output_file_id": job.output_file_id,
         "error_file_id": job.error_file_id,
         "error": job.error,
