@@ -119,7 +119,7 @@ def assert_batch_error(answer: Answer, status: int = 400) -> None:
 
 async def stored_files(emulator: Emulator) -> list[str]:
     """Ids of every file record, and any upload left in flight on disk."""
-    records = [record.id for record in await emulator.storage.list_files()]
+    records = [record.id for record in await emulator.storage.list_files(include_pending=True)]
     incoming = await asyncio.to_thread(lambda: sorted(emulator.storage.incoming_dir.iterdir()))
     return records + [str(path) for path in incoming]
 
