@@ -662,3 +662,63 @@ async def test_presigned_put_cut_short_by_the_client_leaves_no_body(make_emulato
     await emulator.close()
     assert await asyncio.to_thread(lambda: list(storage.incoming_dir.iterdir())) == []
     assert not await asyncio.to_thread(storage.body_path(file_id).exists)
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12)
+    | st.sampled_from(["24h", "1e10h", "infh", "-1h", "0h", "90m", CHAT, "/v1/completions"]),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+_BATCH_FIELDS = st.dictionaries(
+    st.sampled_from(["input_file_id", "endpoint", "completion_window", "priority", "model_id"]),
+    _JSON_VALUES,
+)
+
+
+@pytest.fixture
+async def batch_input_id(api: RawAPI) -> str:
+    """A stored batch-api input file of one chat request."""
+    uploaded = await api.upload(chat_file(1))
+    return str(uploaded["id"])
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(fields=_BATCH_FIELDS, real_file=st.booleans(), real_endpoint=st.booleans())
+async def test_fuzzed_create_batch_is_201_or_400_and_the_list_stays_readable(
+    emulator: Emulator,
+    batch_input_id: str,
+    fields: dict[str, Any],
+    real_file: bool,
+    real_endpoint: bool,
+) -> None:
+    """Random JSON field values get 201 or a 400 `{"error": ...}`; GET /batches stays 200."""
+    payload = dict(fields)
+    if real_file:
+        payload["input_file_id"] = batch_input_id
+    if real_endpoint:
+        payload["endpoint"] = CHAT
+    answer = await send(
+        emulator.port,
+        request_bytes(
+            "POST",
+            "/v1/batches",
+            headers={"Content-Type": "application/json"},
+            body=json.dumps(payload).encode(),
+        ),
+    )
+    if answer.status != 201:
+        assert_batch_error(answer)
+    listing = await send(emulator.port, request_bytes("GET", "/v1/batches"))
+    assert listing.status == 200, listing.body
