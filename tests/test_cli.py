@@ -5,6 +5,7 @@ calls of `run_cli` for the quick sub-commands and unit tests of the output helpe
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import io
 import json
@@ -12,6 +13,7 @@ import os
 import pty
 import queue
 import re
+import shlex
 import signal
 import struct
 import subprocess
@@ -33,7 +35,12 @@ from together_async._cli_results import (
     render_summary,
     result_row,
 )
-from together_async._cli_run import RunDisplay, emulator_data_dir
+from together_async._cli_run import (
+    RunDisplay,
+    emulator_data_dir,
+    interrupted_message,
+    resume_command,
+)
 from together_async.cli import _Secrets, poll_intervals, run_cli
 from together_async.gather import BatchRunSummary
 
@@ -300,7 +307,7 @@ def test_sigint_then_rerun_with_state_creates_no_duplicate_job(
     first.send_signal(signal.SIGINT)
     _, stderr = first.communicate(timeout=RUN_TIMEOUT)
     assert first.returncode == 130, stderr
-    assert "keep running" in stderr and "--state run.state" in stderr
+    assert re.search(r"keeps? running", stderr) and "--state run.state" in stderr
     assert "Traceback" not in stderr
     assert not (tmp_path / "out.jsonl").exists()
 
@@ -314,6 +321,13 @@ def test_sigint_then_rerun_with_state_creates_no_duplicate_job(
     jobs = slow_served.jobs()
     input_files = [job["input_file_id"] for job in jobs]
     assert len(jobs) == 3 and len(set(input_files)) == 3
+
+
+def printed_resume_command(stderr: str) -> str:
+    """The command line `run` printed after "Resume ... with:"."""
+    lines = stderr.splitlines()
+    marker = next(i for i, line in enumerate(lines) if line.startswith("Resume ("))
+    return lines[marker + 1].strip()
 
 
 def test_emulator_run_interrupted_with_state_resumes_on_the_same_emulator_data(
@@ -340,9 +354,17 @@ def test_emulator_run_interrupted_with_state_resumes_on_the_same_emulator_data(
         log.extend(first.stderr)
         first.wait(timeout=RUN_TIMEOUT)
     assert first.returncode == 130, "".join(log)
-    assert "--emulator --state run.state" in log[-1]
+    assert "the in-process emulator stopped with this command" in "".join(log)
+    printed = printed_resume_command("".join(log))
+    assert "--max-requests-per-batch 200" in printed and "--emulator-latency 0.2" in printed
 
-    second = cli(*command[3:], "--json", cwd=tmp_path)
+    # The printed line, run as it is (the program name spelled as this interpreter's).
+    words = shlex.split(printed)
+    assert words[0] == "together-async"
+    second = subprocess.run(
+        [sys.executable, "-m", "together_async", *words[1:], "--json"], cwd=tmp_path,
+        env=_clean_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout)["resumed"] is True
     assert [row["custom_id"] for row in read_jsonl(tmp_path / "out.jsonl")] == ids
@@ -369,7 +391,7 @@ def test_sigint_without_state_cancels_the_jobs(tmp_path: Path, slow_served: Serv
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=RUN_TIMEOUT)
     assert run.returncode == 130, stderr
-    assert "were cancelled" in stderr and "--state" in stderr
+    assert re.search(r"(was|were) cancelled", stderr) and "--state" in stderr
     assert {job["status"] for job in slow_served.jobs()} <= {"CANCELLED", "CANCELING"}
 
 
@@ -392,7 +414,7 @@ def test_sigterm_stops_a_run_like_ctrl_c_with_exit_code_143(tmp_path: Path) -> N
         rest = run.stderr.read()
         run.wait(timeout=RUN_TIMEOUT)
     assert run.returncode == 143
-    assert "were cancelled" in rest
+    assert re.search(r"(was|were) cancelled", rest)
 
 
 def test_second_sigint_exits_without_waiting_for_the_clean_up(tmp_path: Path) -> None:
@@ -845,6 +867,50 @@ def test_run_errors_read_the_same_on_a_terminal_as_piped(
     assert piped.returncode == code == 1
     assert "ExceptionGroup" not in shown and "unexpected" not in shown
     assert error_line(shown) == error_line(piped.stderr)
+
+
+def run_args(*argv: str) -> argparse.Namespace:
+    """`run` arguments as the parser gives them."""
+    from together_async.cli import build_parser
+
+    return build_parser().parse_args(["run", *argv])
+
+
+@pytest.mark.parametrize(
+    ("jobs", "words"),
+    [
+        (1, "1 batch job already created keeps running and is"),
+        (2, "2 batch jobs already created keep running and are"),
+    ],
+)
+def test_interrupted_message_agrees_in_number(jobs: int, words: str) -> None:
+    """One job "keeps running and is recorded"; two "keep running and are"."""
+    args = run_args("in.jsonl", "-o", "out.jsonl", "--state", "s.db", "--base-url", "http://h/v1")
+    assert words in interrupted_message(args, jobs)
+
+
+def test_interrupted_message_without_state_agrees_in_number() -> None:
+    """Without --state one job "was cancelled", two "were"."""
+    args = run_args("in.jsonl", "-o", "out.jsonl", "--emulator")
+    assert "1 batch job this run created was cancelled" in interrupted_message(args, 1)
+    assert "2 batch jobs this run created were cancelled" in interrupted_message(args, 2)
+
+
+def test_resume_command_carries_the_options_and_never_the_key() -> None:
+    """The printed command repeats the options the run depends on, quoted, and not the key."""
+    args = run_args(
+        "my input.jsonl", "-o", "out.jsonl", "--state", "s.db", "--endpoint", "/v1/completions",
+        "--model", "m", "--max-requests-per-batch", "10", "--max-attempts", "2",
+        "--poll-interval", "0.5", "--base-url", "http://h/v1", "--api-key", "sk-secret-123",
+    )  # fmt: skip
+    message = interrupted_message(args, 3)
+    command = resume_command(args)
+    assert shlex.split(command) == [
+        "together-async", "run", "my input.jsonl", "-o", "out.jsonl", "--state", "s.db",
+        "--endpoint", "/v1/completions", "--model", "m", "--max-requests-per-batch", "10",
+        "--max-attempts", "2", "--poll-interval", "0.5", "--base-url", "http://h/v1",
+    ]  # fmt: skip
+    assert "sk-secret-123" not in message and "TOGETHER_API_KEY" in message
 
 
 def test_render_summary_names_the_files() -> None:
