@@ -70,8 +70,11 @@ class BatchJobStatus(_TolerantStrEnum):
     """The status of a batch job, as Together spells it (uppercase).
 
     Parsing is case-insensitive, so the seed docs' OpenAI-style lowercase values work too,
-    and an unknown value is kept as it came rather than raising. Members compare equal to
-    their string: `job.status == "COMPLETED"`.
+    and an unknown value is kept as it came rather than raising. Comparing with a string is
+    case-insensitive and knows the other spellings: `job.status == "COMPLETED"`,
+    `== "completed"` and `CANCELLING == "canceling"` are all true. The hash is the canonical
+    (uppercase) value's, so `{"COMPLETED": ...}[job.status]` works; a lowercase key in a dict
+    or set is another key.
     """
 
     VALIDATING = "VALIDATING"
@@ -82,6 +85,23 @@ class BatchJobStatus(_TolerantStrEnum):
     EXPIRED = "EXPIRED"
     CANCELING = "CANCELING"
     CANCELLED = "CANCELLED"
+    #: The seed page's (and British) spellings of CANCELING and CANCELLED, as aliases.
+    CANCELLING = "CANCELING"
+    CANCELED = "CANCELLED"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, BatchJobStatus):
+            return self.value == other.value
+        if isinstance(other, str):
+            return _canonical_status(self.value) == _canonical_status(other)
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash(self.value)
 
     @classmethod
     def _normalise(cls, value: str) -> str:
@@ -89,7 +109,7 @@ class BatchJobStatus(_TolerantStrEnum):
 
     @classmethod
     def _aliases(cls) -> dict[str, str]:
-        return {"CANCELLING": "CANCELING", "CANCELED": "CANCELLED"}
+        return _STATUS_ALIASES
 
     @property
     def is_terminal(self) -> bool:
@@ -98,6 +118,12 @@ class BatchJobStatus(_TolerantStrEnum):
 
 
 _TERMINAL = frozenset({"COMPLETED", "FAILED", "EXPIRED", "CANCELLED"})
+_STATUS_ALIASES = {"CANCELLING": "CANCELING", "CANCELED": "CANCELLED"}
+
+
+def _canonical_status(text: str) -> str:
+    normalised = text.strip().upper()
+    return _STATUS_ALIASES.get(normalised, normalised)
 
 
 class FilePurpose(_TolerantStrEnum):

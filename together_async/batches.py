@@ -424,6 +424,41 @@ class Batches:
                     yield result
                 decoder.raise_for_bad_line()
 
+    # --- the official SDK's names, for readers of its docs ----------------------------------
+
+    async def create(
+        self,
+        input_file_id: str,
+        endpoint: str | BatchEndpoint,
+        *,
+        completion_window: str = "24h",
+        model_id: str | None = None,
+        priority: int | None = None,
+        max_retries: int | None = None,
+    ) -> BatchJob:
+        """`create_batch` under the official SDK's name. Unlike the SDK's `create`, which
+        wraps the job (`response.job`), this returns the job itself (its `warning` on it)."""
+        return await self.create_batch(
+            input_file_id,
+            endpoint,
+            completion_window=completion_window,
+            model_id=model_id,
+            priority=priority,
+            max_retries=max_retries,
+        )
+
+    async def retrieve(self, batch_id: str, *, max_retries: int | None = None) -> BatchJob:
+        """`get_batch` under the official SDK's name."""
+        return await self.get_batch(batch_id, max_retries=max_retries)
+
+    async def list(self, *, max_retries: int | None = None) -> list[BatchJob]:
+        """`list_batches` under the official SDK's name."""
+        return await self.list_batches(max_retries=max_retries)
+
+    async def cancel(self, batch_id: str, *, max_retries: int | None = None) -> BatchJob:
+        """`cancel_batch` under the official SDK's name."""
+        return await self.cancel_batch(batch_id, max_retries=max_retries)
+
 
 _DECODE_WINDOW = 128 * 1024
 """Bytes of rows decoded before their results are handed on: the rows of a window and their

@@ -709,6 +709,13 @@ class Files:
         file_id = require_id(id, "file id")
         return self._content_chunks(file_id, max_retries=max_retries)
 
+    def content(self, id: str, *, max_retries: int | None = None) -> AsyncGenerator[bytes, None]:
+        """`iter_bytes` under the official SDK's name. The SDK's `content` gives a response
+        object to `.read()`; this streams the bytes in chunks (a file can be 100 MB), so
+        `b"".join([c async for c in client.files.content(id)])` reads it whole, and
+        `retrieve_content(id, output=path)` writes it to disk."""
+        return self.iter_bytes(id, max_retries=max_retries)
+
     def iter_lines(self, id: str, *, max_retries: int | None = None) -> AsyncIterator[bytes]:
         """The lines of a remote file as they arrive (without line endings), resuming with
         Range if the connection drops. Memory does not grow with the file.
