@@ -575,6 +575,32 @@ def test_files_upload_of_a_non_utf8_file_name(tmp_path: Path, served: ServedEmul
     assert json.loads(upload.stdout)["filename"] == "in-\ufffd.jsonl"
 
 
+def test_batches_results_into_a_closed_pipe_exits_quietly(
+    tmp_path: Path, served: ServedEmulator
+) -> None:
+    """`batches results ID | head -1`: once the reader leaves, the command ends with exit
+    code 141 (a SIGPIPE death's, as git's) and says nothing on stderr."""
+    write_requests(tmp_path / "in.jsonl", 2000)
+    conn = connection(served)
+    upload = cli("files", "upload", "in.jsonl", "--json", *conn, cwd=tmp_path)
+    created = cli(
+        "batches", "create", json.loads(upload.stdout)["id"], "--json", *conn, cwd=tmp_path
+    )
+    batch_id = json.loads(created.stdout)["id"]
+    assert cli("batches", "watch", batch_id, *conn, cwd=tmp_path).returncode == 0
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "together_async", "batches", "results", batch_id, *conn],
+        cwd=tmp_path, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert reader.stdout is not None and reader.stderr is not None
+    assert reader.stdout.readline().startswith(b'{"custom_id"')
+    reader.stdout.close()  # as `head -1` does once it has its line
+    stderr = reader.stderr.read()
+    reader.stderr.close()
+    assert reader.wait(timeout=RUN_TIMEOUT) == 141
+    assert stderr == b""
+
+
 def test_files_download_to_stdout(tmp_path: Path, served: ServedEmulator) -> None:
     """`files download ID` without -o writes the raw content to stdout."""
     write_requests(tmp_path / "in.jsonl", 4)
