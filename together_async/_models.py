@@ -8,9 +8,10 @@ because the server can add a value at any time.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import orjson
@@ -156,6 +157,19 @@ class BatchEndpoint(str, enum.Enum):
         return str(self.value)
 
 
+EndpointPath = Literal[
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+]
+"""The endpoint paths as literals, so a type checker catches a typo'd one."""
+
+Endpoint = BatchEndpoint | EndpointPath
+"""What an `endpoint=` argument takes: a BatchEndpoint or its path."""
+
+
 # Not slotted: a frozen slotted class sets each of the 26 fields through object.__setattr__,
 # which made building a job cost more than everything else in turning a poll's JSON into
 # one. Dict-backed instances are filled by plain dict stores (and take ~120 bytes more).
@@ -225,11 +239,14 @@ class FileList:
 
     data: list[FileObject] = attrs.field(factory=list)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[FileObject]:
         return iter(self.data)
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def __getitem__(self, index: int) -> FileObject:
+        return self.data[index]
 
 
 @attrs.frozen(kw_only=True)

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urljoin, urlsplit
 
 import orjson
@@ -31,7 +31,7 @@ from ._errors import (
     UnsafeURLError,
     status_error_class,
 )
-from ._models import BatchEndpoint
+from ._models import BatchEndpoint, EndpointPath
 from ._safe_url import host_for_message
 
 __all__ = [
@@ -126,7 +126,7 @@ def require_id(value: object, what: str) -> str:
 _KNOWN_ENDPOINTS = tuple(endpoint.value for endpoint in BatchEndpoint)
 
 
-def require_endpoint(value: object) -> str:
+def require_endpoint(value: object) -> EndpointPath:
     """The endpoint as a string if it is one Together's Batch API serves, else raise.
 
     Checked before any request: a typo ("/v1/chat/completion", "chat/completions") would
@@ -142,7 +142,7 @@ def require_endpoint(value: object) -> str:
             f"unknown batch endpoint {endpoint!r}; the Batch API serves "
             + ", ".join(repr(known) for known in _KNOWN_ENDPOINTS)
         )
-    return endpoint
+    return cast(EndpointPath, endpoint)
 
 
 # The characters quote() never changes: a segment made of them alone (nearly every id and

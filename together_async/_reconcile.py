@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 import anyio
 import attrs
 
-from ._models import BatchJob
+from ._models import BatchJob, EndpointPath
 
 __all__ = ["ClaimRegistry", "CreateRequest", "claim_hook", "may_have_made", "pick"]
 
@@ -41,7 +41,7 @@ class CreateRequest:
     """What a create asked for; None means the call left it to the server (any value matches)."""
 
     input_file_id: str
-    endpoint: str
+    endpoint: EndpointPath
     completion_window: str | None = None
     model_id: str | None = None
     priority: int | None = None

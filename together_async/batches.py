@@ -18,7 +18,7 @@ import orjson
 from . import watch
 from ._convert import result_from_row, structure
 from ._errors import APIError, APIResponseValidationError, APIStatusError, InvalidArgumentError
-from ._models import BatchEndpoint, BatchJob, BatchJobStatus, BatchResult
+from ._models import BatchJob, BatchJobStatus, BatchResult, Endpoint
 from ._protocol import (
     decode_json,
     is_ambiguous_create_failure,
@@ -114,7 +114,7 @@ class Batches:
     async def create_batch(
         self,
         file_id: str,
-        endpoint: str | BatchEndpoint,
+        endpoint: Endpoint,
         *,
         completion_window: str = "24h",
         model_id: str | None = None,
@@ -429,7 +429,7 @@ class Batches:
     async def create(
         self,
         input_file_id: str,
-        endpoint: str | BatchEndpoint,
+        endpoint: Endpoint,
         *,
         completion_window: str = "24h",
         model_id: str | None = None,

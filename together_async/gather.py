@@ -57,7 +57,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from ._errors import APIStatusError, InvalidArgumentError, ManifestMismatchError, NotFoundError
 from ._jsonl import LineSplitter
-from ._models import BatchEndpoint, BatchJob, BatchResult, FileObject
+from ._models import BatchEndpoint, BatchJob, BatchResult, Endpoint, EndpointPath, FileObject
 from ._protocol import require_endpoint, require_text
 from ._reconcile import CreateRequest, claim_hook, may_have_made
 from ._sharding import InputSharder, ShardAccounting, WrittenShard, ids_path
@@ -207,7 +207,7 @@ class BatchRun:
         client: AsyncTogether,
         requests: RequestsInput,
         *,
-        endpoint: str | BatchEndpoint = BatchEndpoint.CHAT_COMPLETIONS,
+        endpoint: Endpoint = BatchEndpoint.CHAT_COMPLETIONS,
         model: str | None = None,
         max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH,
         max_bytes_per_batch: int = MAX_BYTES_PER_BATCH,
@@ -1134,7 +1134,7 @@ def _check_requests(requests: Any) -> RequestsInput:
     )
 
 
-def _check_endpoint(endpoint: Any) -> str:
+def _check_endpoint(endpoint: Any) -> EndpointPath:
     return require_endpoint(endpoint)
 
 
@@ -1168,7 +1168,7 @@ async def gather_batches(
     client: AsyncTogether,
     requests: RequestsInput,
     *,
-    endpoint: str | BatchEndpoint = BatchEndpoint.CHAT_COMPLETIONS,
+    endpoint: Endpoint = BatchEndpoint.CHAT_COMPLETIONS,
     model: str | None = None,
     max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH,
     max_bytes_per_batch: int = MAX_BYTES_PER_BATCH,
@@ -1218,7 +1218,7 @@ def stream_batches(
     client: AsyncTogether,
     requests: RequestsInput,
     *,
-    endpoint: str | BatchEndpoint = BatchEndpoint.CHAT_COMPLETIONS,
+    endpoint: Endpoint = BatchEndpoint.CHAT_COMPLETIONS,
     model: str | None = None,
     max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH,
     max_bytes_per_batch: int = MAX_BYTES_PER_BATCH,
