@@ -5,12 +5,15 @@ calls of `run_cli` for the quick sub-commands and unit tests of the output helpe
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import io
 import json
 import os
 import pty
 import queue
+import re
+import shlex
 import signal
 import struct
 import subprocess
@@ -32,7 +35,12 @@ from together_async._cli_results import (
     render_summary,
     result_row,
 )
-from together_async._cli_run import RunDisplay, emulator_data_dir
+from together_async._cli_run import (
+    RunDisplay,
+    emulator_data_dir,
+    interrupted_message,
+    resume_command,
+)
 from together_async.cli import _Secrets, poll_intervals, run_cli
 from together_async.gather import BatchRunSummary
 
@@ -299,7 +307,7 @@ def test_sigint_then_rerun_with_state_creates_no_duplicate_job(
     first.send_signal(signal.SIGINT)
     _, stderr = first.communicate(timeout=RUN_TIMEOUT)
     assert first.returncode == 130, stderr
-    assert "keep running" in stderr and "--state run.state" in stderr
+    assert re.search(r"keeps? running", stderr) and "--state run.state" in stderr
     assert "Traceback" not in stderr
     assert not (tmp_path / "out.jsonl").exists()
 
@@ -313,6 +321,13 @@ def test_sigint_then_rerun_with_state_creates_no_duplicate_job(
     jobs = slow_served.jobs()
     input_files = [job["input_file_id"] for job in jobs]
     assert len(jobs) == 3 and len(set(input_files)) == 3
+
+
+def printed_resume_command(stderr: str) -> str:
+    """The command line `run` printed after "Resume ... with:"."""
+    lines = stderr.splitlines()
+    marker = next(i for i, line in enumerate(lines) if line.startswith("Resume ("))
+    return lines[marker + 1].strip()
 
 
 def test_emulator_run_interrupted_with_state_resumes_on_the_same_emulator_data(
@@ -339,9 +354,17 @@ def test_emulator_run_interrupted_with_state_resumes_on_the_same_emulator_data(
         log.extend(first.stderr)
         first.wait(timeout=RUN_TIMEOUT)
     assert first.returncode == 130, "".join(log)
-    assert "--emulator --state run.state" in log[-1]
+    assert "the in-process emulator stopped with this command" in "".join(log)
+    printed = printed_resume_command("".join(log))
+    assert "--max-requests-per-batch 200" in printed and "--emulator-latency 0.2" in printed
 
-    second = cli(*command[3:], "--json", cwd=tmp_path)
+    # The printed line, run as it is (the program name spelled as this interpreter's).
+    words = shlex.split(printed)
+    assert words[0] == "together-async"
+    second = subprocess.run(
+        [sys.executable, "-m", "together_async", *words[1:], "--json"], cwd=tmp_path,
+        env=_clean_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout)["resumed"] is True
     assert [row["custom_id"] for row in read_jsonl(tmp_path / "out.jsonl")] == ids
@@ -368,7 +391,7 @@ def test_sigint_without_state_cancels_the_jobs(tmp_path: Path, slow_served: Serv
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=RUN_TIMEOUT)
     assert run.returncode == 130, stderr
-    assert "were cancelled" in stderr and "--state" in stderr
+    assert re.search(r"(was|were) cancelled", stderr) and "--state" in stderr
     assert {job["status"] for job in slow_served.jobs()} <= {"CANCELLED", "CANCELING"}
 
 
@@ -391,7 +414,7 @@ def test_sigterm_stops_a_run_like_ctrl_c_with_exit_code_143(tmp_path: Path) -> N
         rest = run.stderr.read()
         run.wait(timeout=RUN_TIMEOUT)
     assert run.returncode == 143
-    assert "were cancelled" in rest
+    assert re.search(r"(was|were) cancelled", rest)
 
 
 def test_second_sigint_exits_without_waiting_for_the_clean_up(tmp_path: Path) -> None:
@@ -541,6 +564,41 @@ def test_files_subcommands(
     code, out = call("files", "delete", file_id)
     assert code == 0 and out.startswith("deleted")
     assert call("files", "get", file_id)[0] == 1
+
+
+def test_files_upload_of_a_non_utf8_file_name(tmp_path: Path, served: ServedEmulator) -> None:
+    """`files upload` of a file whose name is not UTF-8 exits 0; the stored name has U+FFFD."""
+    name = os.fsdecode(b"in-\xff.jsonl")
+    write_requests(tmp_path / name, 2)
+    upload = cli("files", "upload", name, "--json", *connection(served), cwd=tmp_path)
+    assert upload.returncode == 0, upload.stderr
+    assert json.loads(upload.stdout)["filename"] == "in-\ufffd.jsonl"
+
+
+def test_batches_results_into_a_closed_pipe_exits_quietly(
+    tmp_path: Path, served: ServedEmulator
+) -> None:
+    """`batches results ID | head -1`: once the reader leaves, the command ends with exit
+    code 141 (a SIGPIPE death's, as git's) and says nothing on stderr."""
+    write_requests(tmp_path / "in.jsonl", 2000)
+    conn = connection(served)
+    upload = cli("files", "upload", "in.jsonl", "--json", *conn, cwd=tmp_path)
+    created = cli(
+        "batches", "create", json.loads(upload.stdout)["id"], "--json", *conn, cwd=tmp_path
+    )
+    batch_id = json.loads(created.stdout)["id"]
+    assert cli("batches", "watch", batch_id, *conn, cwd=tmp_path).returncode == 0
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "together_async", "batches", "results", batch_id, *conn],
+        cwd=tmp_path, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert reader.stdout is not None and reader.stderr is not None
+    assert reader.stdout.readline().startswith(b'{"custom_id"')
+    reader.stdout.close()  # as `head -1` does once it has its line
+    stderr = reader.stderr.read()
+    reader.stderr.close()
+    assert reader.wait(timeout=RUN_TIMEOUT) == 141
+    assert stderr == b""
 
 
 def test_files_download_to_stdout(tmp_path: Path, served: ServedEmulator) -> None:
@@ -770,6 +828,115 @@ def test_run_on_a_terminal_shows_live_progress(tmp_path: Path) -> None:
     assert "200/200 rows" in drawn.decode(errors="replace")
     assert "1 job" in drawn.decode(errors="replace")
     assert stdout.startswith("Done: 200 requests")
+
+
+def on_terminal(*args: str, cwd: Path) -> tuple[int, str]:
+    """Run the CLI with stderr on a pseudo-terminal (80x24); its exit code and what the
+    terminal showed."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "together_async", *args],
+        cwd=cwd, env=_clean_env(), stdout=subprocess.PIPE, stderr=terminal, text=True,
+    )  # fmt: skip
+    os.close(terminal)
+    drawn = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the terminal's other end closed
+                return
+            if not chunk:
+                return
+            drawn.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    process.communicate(timeout=RUN_TIMEOUT)
+    reader.join(timeout=10)
+    os.close(controller)
+    return process.returncode, drawn.decode(errors="replace")
+
+
+def error_line(text: str) -> str:
+    """The `together-async: error: ...` line of what a command wrote to stderr."""
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines()]
+    found = [line for line in lines if line.startswith("together-async: error:")]
+    assert found, text
+    return re.sub(r"request id \w+", "request id ...", found[-1])
+
+
+@pytest.mark.parametrize("case", ["bad-input", "wrong-key", "state-mismatch"])
+def test_run_errors_read_the_same_on_a_terminal_as_piped(
+    tmp_path: Path, served: ServedEmulator, case: str
+) -> None:
+    """An error during `run` shows the real message on a terminal, exactly as when stderr is
+    piped: never a wrapped ExceptionGroup."""
+    write_requests(tmp_path / "in.jsonl", 5)
+    args = ["run", "in.jsonl", "-o", "out.jsonl"]
+    if case == "bad-input":
+        (tmp_path / "in.jsonl").write_text('{"custom_id": "a", "body": {}}\nnot json\n')
+        args += ["--emulator"]
+    elif case == "wrong-key":
+        args += ["--base-url", served.base_url, "--api-key", "wrong-key-1c0ffee"]
+    else:
+        write_requests(tmp_path / "other.jsonl", 7)
+        first = cli(
+            "run", "other.jsonl", "-o", "o.jsonl", "--emulator", "--state", "s.db", cwd=tmp_path
+        )
+        assert first.returncode == 0, first.stderr
+        args += ["--emulator", "--state", "s.db"]
+    piped = cli(*args, cwd=tmp_path)
+    code, shown = on_terminal(*args, cwd=tmp_path)
+    assert piped.returncode == code == 1
+    assert "ExceptionGroup" not in shown and "unexpected" not in shown
+    assert error_line(shown) == error_line(piped.stderr)
+
+
+def run_args(*argv: str) -> argparse.Namespace:
+    """`run` arguments as the parser gives them."""
+    from together_async.cli import build_parser
+
+    return build_parser().parse_args(["run", *argv])
+
+
+@pytest.mark.parametrize(
+    ("jobs", "words"),
+    [
+        (1, "1 batch job already created keeps running and is"),
+        (2, "2 batch jobs already created keep running and are"),
+    ],
+)
+def test_interrupted_message_agrees_in_number(jobs: int, words: str) -> None:
+    """One job "keeps running and is recorded"; two "keep running and are"."""
+    args = run_args("in.jsonl", "-o", "out.jsonl", "--state", "s.db", "--base-url", "http://h/v1")
+    assert words in interrupted_message(args, jobs)
+
+
+def test_interrupted_message_without_state_agrees_in_number() -> None:
+    """Without --state one job "was cancelled", two "were"."""
+    args = run_args("in.jsonl", "-o", "out.jsonl", "--emulator")
+    assert "1 batch job this run created was cancelled" in interrupted_message(args, 1)
+    assert "2 batch jobs this run created were cancelled" in interrupted_message(args, 2)
+
+
+def test_resume_command_carries_the_options_and_never_the_key() -> None:
+    """The printed command repeats the options the run depends on, quoted, and not the key."""
+    args = run_args(
+        "my input.jsonl", "-o", "out.jsonl", "--state", "s.db", "--endpoint", "/v1/completions",
+        "--model", "m", "--max-requests-per-batch", "10", "--max-attempts", "2",
+        "--poll-interval", "0.5", "--base-url", "http://h/v1", "--api-key", "sk-secret-123",
+    )  # fmt: skip
+    message = interrupted_message(args, 3)
+    command = resume_command(args)
+    assert shlex.split(command) == [
+        "together-async", "run", "my input.jsonl", "-o", "out.jsonl", "--state", "s.db",
+        "--endpoint", "/v1/completions", "--model", "m", "--max-requests-per-batch", "10",
+        "--max-attempts", "2", "--poll-interval", "0.5", "--base-url", "http://h/v1",
+    ]  # fmt: skip
+    assert "sk-secret-123" not in message and "TOGETHER_API_KEY" in message
 
 
 def test_render_summary_names_the_files() -> None:

@@ -130,3 +130,32 @@ def test_staging_files_of_a_live_process_are_kept(tmp_path: Path) -> None:
     unrelated.write_bytes(b"x")
     assert remove_stale_staging(out) == []
     assert live.exists() and unrelated.exists()
+
+
+def test_run_refuses_an_output_that_is_a_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run x -o DIR` exits 1 saying it is a directory, and writes nothing into it."""
+    source = tmp_path / "in.jsonl"
+    write_requests(source)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert run_cli(["run", str(source), "-o", str(out), "--emulator"]) == 1
+    assert "is a directory: give a file path" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["-o", "--state"])
+@pytest.mark.parametrize("value", ["", "/"])
+def test_run_refuses_an_empty_or_root_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    """An empty or nameless path for -o or --state is a usage error (exit 2) naming the option."""
+    source = tmp_path / "in.jsonl"
+    write_requests(source)
+    args = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--emulator"]
+    args += [option, value]
+    with pytest.raises(SystemExit) as exited:
+        run_cli(args)
+    assert exited.value.code == 2
+    assert "must be a file path" in capsys.readouterr().err

@@ -529,6 +529,7 @@ def test_job_with_every_field_well_typed_parses() -> None:
             "warning": "w",
             "errors": {"data": []},
             "progress": 3,
+            "priority": 1,
             **{f"{name}_at": timestamp for name in ("finalizing", "failed", "expired")},
             **{f"{name}_at": timestamp for name in ("cancelling", "cancelled")},
         },

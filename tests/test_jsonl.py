@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from together_async import BatchEndpoint, BatchFileError
+from together_async import BatchEndpoint, BatchFileError, InvalidArgumentError
 from together_async._jsonl import (
     BatchFileProblem,
     BatchFileReport,
@@ -668,10 +668,18 @@ def test_check_batch_file_reads_a_file(tmp_path: Path) -> None:
     assert (report.lines, report.bytes) == (2, len(data))
 
 
-def test_check_batch_file_missing_file_raises_os_error(tmp_path: Path) -> None:
-    """A file that cannot be read is an OSError, not a report."""
-    with pytest.raises(FileNotFoundError):
+def test_check_batch_file_missing_file_is_invalid_argument(tmp_path: Path) -> None:
+    """A file that cannot be read is InvalidArgumentError naming it, not a report."""
+    with pytest.raises(InvalidArgumentError, match=r"cannot read the batch file .*missing\.jsonl"):
         check_batch_file(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("path", [True, 0, 1, None, b"in.jsonl"])
+def test_check_batch_file_refuses_what_is_not_a_path(path: object) -> None:
+    """An int (a file descriptor to open(), so stdout for 1 or True), None or bytes is
+    InvalidArgumentError, and nothing is opened."""
+    with pytest.raises(InvalidArgumentError, match=r"path must be a str or os\.PathLike"):
+        check_batch_file(path)  # type: ignore[arg-type]
 
 
 def test_check_batch_file_passes_limits_through(tmp_path: Path) -> None:

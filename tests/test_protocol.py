@@ -1,9 +1,10 @@
-"""The pure protocol layer: URLs, headers, error mapping, Retry-After, retry decisions and the
-presigned-URL safety check. Plain synchronous tests: no event loop, no network."""
+"""The pure protocol layer: URLs, headers, error mapping, Retry-After, retry decisions and
+redirect targets. Plain synchronous tests: no event loop, no network. (The upload guard is
+tests/test_safe_url.py.)"""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from urllib.parse import quote
 
 import pytest
@@ -18,7 +19,6 @@ from together_async import (
     AuthenticationError,
     BadRequestError,
     BatchEndpoint,
-    BatchJob,
     ConflictError,
     InternalServerError,
     InvalidArgumentError,
@@ -32,13 +32,11 @@ from together_async._protocol import (
     APIOrigin,
     api_url,
     auth_headers,
-    check_upload_url,
     decode_json,
     error_from_response,
     is_ambiguous_create_failure,
     is_api_url,
     is_retryable_status,
-    may_be_the_created_job,
     parse_content_range,
     parse_retry_after,
     request_id_from,
@@ -52,7 +50,6 @@ from together_async._protocol import (
 )
 
 NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
-HTTP_API = "http://127.0.0.1:8080/v1"
 HTTPS_API = "https://api.together.ai/v1"
 
 
@@ -340,79 +337,29 @@ def test_ambiguous_create_failures(error: Exception, expected: bool) -> None:
     assert is_ambiguous_create_failure(error) is expected
 
 
-# ---- presigned URL safety -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "https://bucket.s3.amazonaws.com/key?X-Amz-Signature=abc",
-        "https://storage.googleapis.com/b/o",
-        "https://10.0.0.5/minio/key",
-    ],
-)
-def test_https_storage_urls_are_allowed(url: str) -> None:
-    """Ordinary https storage URLs, public or private, pass."""
-    assert check_upload_url(url, api_base_url=HTTPS_API) == url
-
-
-def test_plain_http_is_refused_when_the_api_is_https() -> None:
-    """An http Location is refused when the API itself is https."""
-    with pytest.raises(UnsafeURLError, match="https is required"):
-        check_upload_url("http://bucket.example/key", api_base_url=HTTPS_API)
-
-
-def test_plain_http_is_allowed_when_the_api_is_http() -> None:
-    """A local emulator on http may point at http storage on loopback."""
-    url = "http://127.0.0.1:9000/upload/f1"
-    assert check_upload_url(url, api_base_url=HTTP_API) == url
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "https://169.254.169.254/latest/meta-data/",
-        "https://169.254.170.2/v2/credentials",
-        "https://metadata.google.internal/computeMetadata/v1/",
-        "https://METADATA.GOOGLE.INTERNAL./computeMetadata/v1/",
-        "https://100.100.100.200/latest/meta-data/",
-        "https://[fd00:ec2::254]/latest/meta-data/",
-        "https://[fe80::1]/x",
-        "https://[::ffff:169.254.169.254]/x",
-        "https://0.0.0.0/x",
-        "https://[::]/x",
-        "https://2852039166/latest/",
-        "https://0xa9fea9fe/latest/",
-        "https://0251.0376.0251.0376/latest/",
-        "https://169.254.43518/latest/",
-    ],
-)
-def test_metadata_link_local_and_unspecified_targets_are_refused(url: str) -> None:
-    """Cloud metadata, link-local and unspecified targets are refused, in any spelling."""
-    with pytest.raises(UnsafeURLError):
-        check_upload_url(url, api_base_url=HTTP_API)
-
-
-@pytest.mark.parametrize(
-    "url",
-    ["ftp://storage.example/x", "file:///etc/passwd", "https:///nohost", "https://u:p@s.example/x"],
-)
-def test_other_schemes_missing_hosts_and_credentials_are_refused(url: str) -> None:
-    """Only http(s) URLs with a host and no credentials pass."""
-    with pytest.raises(UnsafeURLError):
-        check_upload_url(url, api_base_url=HTTP_API)
-
-
-def test_refusal_message_does_not_show_the_query() -> None:
-    """A refused URL's signature does not end up in the error text."""
-    with pytest.raises(UnsafeURLError) as caught:
-        check_upload_url("http://bucket.example/key?X-Amz-Signature=SECRET", api_base_url=HTTPS_API)
-    assert "SECRET" not in str(caught.value)
+# ---- redirect targets ---------------------------------------------------------------------
 
 
 def test_relative_location_is_resolved() -> None:
     """A relative Location is taken relative to the URL that answered."""
     assert resolve_location("https://s.example/a/b", "/c?d=1") == "https://s.example/c?d=1"
+
+
+@pytest.mark.parametrize(
+    "location", ["https://[::1/upload?sig=SECRET", "https://[zz::1]/upload?sig=SECRET"]
+)
+def test_malformed_location_is_an_unsafe_url_error(location: str) -> None:
+    """A Location urllib cannot parse is UnsafeURLError (host shown, query not), not ValueError."""
+    with pytest.raises(UnsafeURLError, match="malformed Location") as caught:
+        resolve_location("https://api.example/v1/files", location)
+    assert "SECRET" not in str(caught.value)
+
+
+def test_error_for_a_malformed_url_is_an_unsafe_url_error() -> None:
+    """Mapping an answer for a URL urllib cannot parse gives UnsafeURLError, not ValueError."""
+    with pytest.raises(UnsafeURLError, match=r"PUT to \[zz::1\]: not a valid URL") as caught:
+        error_from_response(500, {}, b"", method="PUT", url="https://[zz::1]/k?sig=SECRET")
+    assert "SECRET" not in str(caught.value)
 
 
 # ---- Content-Range ------------------------------------------------------------------------
@@ -449,35 +396,3 @@ def test_unknown_endpoint_is_refused_naming_the_known_ones(endpoint: str) -> Non
     """A typo in the endpoint is refused with the list of endpoints that exist."""
     with pytest.raises(InvalidArgumentError, match="'/v1/chat/completions'"):
         require_endpoint(endpoint)
-
-
-_MADE = {"file_id": "file-1", "endpoint": "/v1/chat/completions", "not_before": NOW}
-
-
-@pytest.mark.parametrize(
-    ("job", "ignored", "matches"),
-    [
-        (
-            BatchJob(
-                id="b", input_file_id="file-1", endpoint="/v1/chat/completions", created_at=NOW
-            ),
-            frozenset(),
-            True,
-        ),
-        (BatchJob(id="b", input_file_id="file-1"), frozenset(), True),  # says nothing: counts
-        (BatchJob(id="b", input_file_id="file-2", created_at=NOW), frozenset(), False),
-        (BatchJob(id="b", input_file_id="file-1", created_at=NOW), frozenset({"b"}), False),
-        (BatchJob(id="b", input_file_id="file-1", endpoint="/v1/completions"), frozenset(), False),
-        (
-            BatchJob(id="b", input_file_id="file-1", created_at=NOW - timedelta(seconds=1)),
-            frozenset(),
-            False,
-        ),
-    ],
-)
-def test_job_a_lost_create_may_have_made(
-    job: BatchJob, ignored: frozenset[str], matches: bool
-) -> None:
-    """Same file and endpoint, made at or after the create, not ignored: a job without a date
-    or an endpoint counts."""
-    assert may_be_the_created_job(job, ignored=ignored, **_MADE) is matches

@@ -405,9 +405,19 @@ async def test_sigkill_then_rerun_repeats_nothing(
     stored = await stored_inputs(emulator)
     assert sorted(f.id for f in stored) == sorted(str(shard.file_id) for shard in after)
     assert stats["POST", "/files/{id}/preprocess"] == len(after)
-    # The rerun uploaded only shards with no recorded file, and downloaded only the files of
-    # shards not recorded as downloaded.
+    # No recorded file is left behind: a file whose id was recorded before its PUT is either
+    # the shard's input now or deleted by the rerun, never left pending on the server. (A
+    # file whose POST answer came in the last moments before the kill has no record.)
+    held = {f.id for f in await emulator.storage.list_files(include_pending=True)}
+    inputs = {shard.file_id for shard in after}
+    recorded_pending = {s.file_id for s in before if s.step is ShardStep.WRITTEN and s.file_id}
+    assert not (recorded_pending - inputs) & held
+    if stage == "mid-upload":  # the cut PUT's file was recorded, then deleted and redone
+        assert before[1].file_id in recorded_pending - inputs
+    # The rerun uploaded only shards with no complete file, and downloaded only the files of
+    # shards not recorded as downloaded. A killed PUT's file is uploaded again.
     recorded_uploads = sum(1 for shard in before if shard.file_id is not None)
+    recorded_uploads -= len(recorded_pending - inputs)
     assert stats["POST", "/files"] - uploads_before == len(after) - recorded_uploads
     downloaded_before = {s.id for s in before if s.step.rank >= ShardStep.DOWNLOADED.rank}
     files_to_fetch = sum(

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from http_fakes import FakeFiles, batch_lines
 
 from together_async import APIResponseValidationError, AsyncTogether, TogetherError
+from together_async.emulator import Emulator
 
 pytestmark = pytest.mark.usefixtures("fast_retries")
 
@@ -240,3 +241,17 @@ async def test_upload_cancelled_while_spooling_removes_its_spool(
     assert len(spooling) == 1
     assert names_in(spool_dir) == []
     assert fake.api.requests == []
+
+
+async def test_on_file_id_is_awaited_before_the_bytes_are_sent(emulator: Emulator) -> None:
+    """upload(on_file_id=...) is awaited with the API's id for the file before its PUT, so a
+    process killed mid-upload leaves a record of the incomplete file."""
+    seen: list[tuple[str, int]] = []
+
+    async def remember(file_id: str) -> None:
+        seen.append((file_id, emulator.stats["PUT", "/upload/{token}"]))
+
+    async with AsyncTogether(api_key=emulator.api_key, base_url=emulator.base_url) as client:
+        uploaded = await client.files.upload(DATA, on_file_id=remember)
+    assert seen == [(uploaded.id, 0)]
+    assert emulator.stats["PUT", "/upload/{token}"] == 1

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shlex
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -25,7 +26,7 @@ from ._cli_results import InputOrderWriter, RunSummary, errors_path_for
 from ._client import AsyncTogether
 from ._errors import InvalidArgumentError
 from ._models import BatchEndpoint, BatchJob
-from .gather import BatchRun, BatchRunSummary
+from .gather import MAX_REQUESTS_PER_BATCH, BatchRun, BatchRunSummary
 from .progress import job_percent
 
 __all__ = [
@@ -191,6 +192,11 @@ def check_run_paths(
         return path.resolve().is_relative_to(directory.resolve())
 
     for target, option in ((output, "-o/--output"), (errors_output, "the errors file")):
+        if target.is_dir():
+            raise InvalidArgumentError(
+                f"{option} {target} is a directory: give a file path, e.g. "
+                f"{target / 'results.jsonl'}"
+            )
         if same(target, input):
             raise InvalidArgumentError(
                 f"{option} {target} is the input file: the results would overwrite it; "
@@ -224,23 +230,73 @@ async def _collect(run: BatchRun, writer: InputOrderWriter) -> None:
             await writer.add(position, result)
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The `run` command line that resumes this run as it is, to copy and paste.
+
+    It carries every option the state and the run depend on that was given (the API key
+    never: it is read again from --api-key or TOGETHER_API_KEY), so it works verbatim.
+    """
+    words = ["together-async", "run", str(args.input), "-o", str(args.output)]
+    if args.state is not None:
+        words += ["--state", str(args.state)]
+    defaults = {"max_requests_per_batch": MAX_REQUESTS_PER_BATCH}
+    for name, option in (
+        ("endpoint", "--endpoint"),
+        ("model", "--model"),
+        ("max_requests_per_batch", "--max-requests-per-batch"),
+        ("max_attempts", "--max-attempts"),
+        ("poll_interval", "--poll-interval"),
+        ("max_poll_interval", "--max-poll-interval"),
+        ("base_url", "--base-url"),
+    ):
+        value = getattr(args, name, None)
+        if value is not None and value != defaults.get(name):
+            words += [option, str(value)]
+    if args.emulator:
+        words.append("--emulator")
+        if args.emulator_latency != EMULATOR_LATENCY:
+            words += ["--emulator-latency", str(args.emulator_latency)]
+    return shlex.join(words)
+
+
 def interrupted_message(args: argparse.Namespace, jobs: int) -> str:
     """What to tell the user after Ctrl-C: what became of the jobs, and how to go on."""
-    rerun = f"together-async run {args.input} -o {args.output}"
-    if args.emulator:
-        rerun += " --emulator"
-    started = f"{jobs} batch job" + ("" if jobs == 1 else "s")
-    if args.state is not None:
+    one = jobs == 1
+    started = f"{jobs} batch job" + ("" if one else "s")
+    if args.state is None:
+        suggestion = args.output.with_name(args.output.name + ".state")
+        again = argparse.Namespace(**{**vars(args), "state": suggestion})
         return (
-            f"interrupted: the {started} already created keep running and are recorded in "
-            f"{args.state}.\nResume (nothing is uploaded or created twice) with:\n"
-            f"  {rerun} --state {args.state}"
+            f"interrupted: the {started} this run created "
+            + ("was" if one else "were")
+            + " cancelled.\nTo be able to resume after an interruption, pass --state next "
+            f"time, e.g.:\n  {resume_command(again)}"
         )
-    suggestion = args.output.with_name(args.output.name + ".state")
+    if args.emulator:
+        # The in-process emulator ends with this command: its jobs wait in its data beside
+        # the state file and go on when the command is run again.
+        fate = (
+            f"the {started} already created "
+            + ("is" if one else "are")
+            + f" recorded in {args.state}; the in-process emulator stopped with this command "
+            "and runs " + ("it" if one else "them") + " on when you resume"
+        )
+    else:
+        fate = (
+            f"the {started} already created "
+            + ("keeps" if one else "keep")
+            + " running and "
+            + ("is" if one else "are")
+            + f" recorded in {args.state}"
+        )
+    key_hint = (
+        "\n(the API key is not repeated here: pass --api-key again or set TOGETHER_API_KEY)"
+        if getattr(args, "api_key", None)
+        else ""
+    )
     return (
-        f"interrupted: the {started} this run created were cancelled.\n"
-        "To be able to resume after an interruption, pass --state next time, e.g.:\n"
-        f"  {rerun} --state {suggestion}"
+        f"interrupted: {fate}.\nResume (nothing is uploaded or created twice) with:\n"
+        f"  {resume_command(args)}{key_hint}"
     )
 
 
@@ -276,16 +332,24 @@ class RunDisplay:
     async def follow(self, run: BatchRun, work: Awaitable[None]) -> None:
         """Await `work` (which drives `run`) while redrawing the status line."""
         self._started = time.monotonic()
+        failure: Exception | None = None
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._redraw_forever, run)
-                await work
+                try:
+                    await work
+                except Exception as exc:
+                    # Kept out of the task group, which would wrap it in an ExceptionGroup:
+                    # the run's own error is what the user must read, as when piped.
+                    failure = exc
                 group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 summary = run.summary
                 done, text = self.status(summary)
                 await anyio.to_thread.run_sync(self.finish, summary.rows, done, text)
+        if failure is not None:
+            raise failure
 
     async def _redraw_forever(self, run: BatchRun) -> None:
         while True:

@@ -20,7 +20,12 @@ import orjson
 import stamina
 
 from ._config import API_KEY_ENV, DEFAULT_MAX_RESPONSE_BYTES, ClientConfig
-from ._errors import ClientClosedError, MissingAPIKeyError, TogetherError
+from ._errors import (
+    ClientClosedError,
+    InvalidArgumentError,
+    MissingAPIKeyError,
+    TogetherError,
+)
 from ._protocol import (
     APIOrigin,
     api_url,
@@ -29,6 +34,7 @@ from ._protocol import (
     retry_backoff,
     user_agent,
 )
+from ._reconcile import ClaimRegistry
 from ._transport import (
     CALL_DEADLINE,
     CallDeadline,
@@ -147,6 +153,10 @@ class AsyncTogether:
         cls, config: ClientConfig, *, session: aiohttp.ClientSession | None = None
     ) -> AsyncTogether:
         """A client with every setting spelled out, retry waits included."""
+        if not isinstance(config, ClientConfig):
+            raise InvalidArgumentError(
+                f"config must be a ClientConfig, got {type(config).__name__}"
+            )
         client = cls.__new__(cls)
         client._setup(config, session)
         return client
@@ -163,6 +173,8 @@ class AsyncTogether:
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._transport_instance: Transport | None = None
         self._state = _State.UNOPENED
+        # The jobs this client's create_batch calls made or adopted: never one job for two.
+        self._claims = ClaimRegistry(skew=config.create_reconcile_skew)
         self.files = Files(self)
         self.batches = Batches(self)
 
@@ -450,7 +462,14 @@ class AsyncTogether:
         request_headers, credential = self._headers_for(url, headers)
         body: Content = None
         if json is not None:
-            body = orjson.dumps(json)
+            try:
+                body = orjson.dumps(json)
+            except TypeError as exc:
+                # The public calls check their arguments; this is the net for anything they
+                # let through (a lone surrogate deep in a value), so no raw TypeError escapes.
+                raise InvalidArgumentError(
+                    f"{method} {url}: the request body cannot be sent as JSON ({exc})"
+                ) from None
             request_headers.setdefault("Content-Type", "application/json")
         elif content is not None:
             body = content()

@@ -14,7 +14,13 @@ import attrs
 
 from ._errors import InvalidArgumentError
 
-__all__ = ["DEFAULT_BASE_URL", "DEFAULT_MAX_RESPONSE_BYTES", "ClientConfig", "normalise_base_url"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "ClientConfig",
+    "check_api_key",
+    "normalise_base_url",
+]
 
 DEFAULT_BASE_URL = "https://api.together.ai/v1"
 API_KEY_ENV = "TOGETHER_API_KEY"
@@ -30,18 +36,59 @@ def normalise_base_url(url: str) -> str:
     The older official SDK reads `TOGETHER_BASE_URL` as ending in `/v1`, the current one as the
     bare host; accepting both lets either form of the variable work here.
     """
+    if not isinstance(url, str):
+        raise InvalidArgumentError(
+            f"base_url must be a str such as {DEFAULT_BASE_URL!r}, got {type(url).__name__}"
+        )
     text = url.strip()
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if not text.isascii() or not text.isprintable() or " " in text:
+        # An IDN host must be given in its ASCII (punycode) form: the URL is also what the
+        # upload guard compares hosts with, and one spelling keeps that comparison exact.
+        raise InvalidArgumentError(
+            f"base_url must be printable ASCII without spaces (punycode for an IDN host), "
+            f"got {url!r}"
+        )
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidArgumentError(f"base_url is not a valid URL ({exc}): {url!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidArgumentError(
             f"base_url must be an http(s) URL such as {DEFAULT_BASE_URL!r}, got {url!r}"
         )
+    if port == 0:
+        raise InvalidArgumentError(f"base_url has port 0, which cannot be connected to: {url!r}")
     if parts.query or parts.fragment:
         raise InvalidArgumentError(f"base_url must not carry a query or fragment: {url!r}")
     path = parts.path.rstrip("/")
     if not path:
         path = "/v1"
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def check_api_key(key: object) -> None:
+    """Refuse a key that could not be sent as a header value as it is.
+
+    A CR or LF would split the header (or be refused deep in the HTTP stack with the key in
+    the message); other control or non-ASCII characters are never part of a real key and are
+    mostly a paste gone wrong. The message says where, never what: the key stays out of it.
+    """
+    if not isinstance(key, str):
+        raise InvalidArgumentError("api_key must be a string")
+    for index, char in enumerate(key):
+        if not ("\x21" <= char <= "\x7e"):
+            what = (
+                "a line break"
+                if char in "\r\n"
+                else "a space"
+                if char == " "
+                else ("a control character" if char.isascii() else "a non-ASCII character")
+            )
+            raise InvalidArgumentError(
+                f"api_key has {what} at position {index + 1} of {len(key)}; a key is printable "
+                "ASCII without spaces (check how it was pasted or exported)"
+            )
 
 
 def _check_positive(name: str, value: float | None) -> None:
@@ -103,7 +150,7 @@ class ClientConfig:
     """
 
     api_key: str | None = attrs.field(repr=False, default=None)
-    base_url: str = DEFAULT_BASE_URL
+    base_url: str = attrs.field(default=DEFAULT_BASE_URL, converter=normalise_base_url)
     timeout: float = 60.0
     deadline: float | None = None
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
@@ -116,7 +163,7 @@ class ClientConfig:
 
     def __attrs_post_init__(self) -> None:
         _check_positive("timeout", self.timeout)
-        if self.timeout <= 0:
+        if self.timeout is None or self.timeout <= 0:
             raise InvalidArgumentError(f"timeout must be > 0 seconds, got {self.timeout!r}")
         _check_deadline(self.deadline)
         _check_max_response_bytes(self.max_response_bytes)
@@ -129,8 +176,8 @@ class ClientConfig:
             "create_reconcile_skew",
         ):
             _check_positive(name, getattr(self, name))
-        if self.api_key is not None and not isinstance(self.api_key, str):
-            raise InvalidArgumentError("api_key must be a string")
+        if self.api_key is not None:
+            check_api_key(self.api_key)
 
     @classmethod
     def from_arguments(

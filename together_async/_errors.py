@@ -30,7 +30,7 @@ No message built here ever contains the API key.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "APIConnectionError",
@@ -59,9 +59,42 @@ __all__ = [
     "status_error_class",
 ]
 
+_E = TypeVar("_E", bound="TogetherError")
+
 
 class TogetherError(Exception):
-    """Base class of every exception raised by together_async."""
+    """Base class of every exception raised by together_async.
+
+    Every error survives `pickle` and `copy` with its type and attributes (a worker process
+    raising `NotFoundError` hands its parent a `NotFoundError`). Default exception pickling
+    calls the class with `self.args` only, which breaks keyword-only constructors, so the
+    arguments each error was built with are kept and the copy is rebuilt from them; attributes
+    set after construction travel in the instance dict.
+    """
+
+    _init_args: tuple[Any, ...]
+    _init_kwargs: dict[str, Any]
+
+    def __new__(cls: type[_E], *args: Any, **kwargs: Any) -> _E:
+        # Captured in __new__ so that every subclass is covered without code of its own,
+        # whatever its __init__ looks like.
+        self = super().__new__(cls, *args)
+        self._init_args = args
+        self._init_kwargs = kwargs
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = {
+            key: value
+            for key, value in self.__dict__.items()
+            if key not in ("_init_args", "_init_kwargs")
+        }
+        return (_rebuild, (type(self), self._init_args, self._init_kwargs), state or None)
+
+
+def _rebuild(cls: type[_E], args: tuple[Any, ...], kwargs: dict[str, Any]) -> _E:
+    """Unpickling helper: a TogetherError subclass built again from its constructor arguments."""
+    return cls(*args, **kwargs)
 
 
 class ClientClosedError(TogetherError):

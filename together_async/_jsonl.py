@@ -19,7 +19,7 @@ import anyio.to_thread
 import attrs
 import orjson
 
-from ._errors import BatchFileError
+from ._errors import BatchFileError, InvalidArgumentError
 
 __all__ = [
     "CHUNK_SIZE",
@@ -524,8 +524,8 @@ def check_batch_file(
 ) -> BatchFileReport:
     """Validate a local batch input file, read 1 MiB at a time; see check_batch_chunks.
 
-    Blocking: on an event loop use validate_batch_file. Raises OSError when the file cannot be
-    read; problems with its content go in the report.
+    Blocking: on an event loop use validate_batch_file. Raises InvalidArgumentError when the
+    file cannot be read; problems with its content go in the report.
     """
     return _check_file(path, endpoint=endpoint, sha256=False, limits=limits)
 
@@ -569,9 +569,21 @@ async def validate_batch_bytes(
 def _check_file(
     path: str | os.PathLike[str], *, endpoint: str | None, sha256: bool, limits: dict[str, int]
 ) -> BatchFileReport:
-    with open(path, "rb") as file:
+    if isinstance(path, (bool, int)) or not isinstance(path, (str, os.PathLike)):
+        # An int is a file descriptor to open(): open(1) would read, then close, stdout.
+        raise InvalidArgumentError(
+            f"path must be a str or os.PathLike path to a batch file, got {type(path).__name__}"
+        )
+    try:
+        file = open(path, "rb")
+    except (OSError, ValueError) as exc:
+        raise InvalidArgumentError(f"cannot read the batch file {path}: {exc}") from None
+    with file:
         chunks = iter(partial(file.read, CHUNK_SIZE), b"")
-        return check_batch_chunks(chunks, endpoint=endpoint, sha256=sha256, **limits)
+        try:
+            return check_batch_chunks(chunks, endpoint=endpoint, sha256=sha256, **limits)
+        except OSError as exc:
+            raise InvalidArgumentError(f"cannot read the batch file {path}: {exc}") from None
 
 
 def _check_bytes(

@@ -8,9 +8,10 @@ because the server can add a value at any time.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import orjson
@@ -70,8 +71,11 @@ class BatchJobStatus(_TolerantStrEnum):
     """The status of a batch job, as Together spells it (uppercase).
 
     Parsing is case-insensitive, so the seed docs' OpenAI-style lowercase values work too,
-    and an unknown value is kept as it came rather than raising. Members compare equal to
-    their string: `job.status == "COMPLETED"`.
+    and an unknown value is kept as it came rather than raising. Comparing with a string is
+    case-insensitive and knows the other spellings: `job.status == "COMPLETED"`,
+    `== "completed"` and `CANCELLING == "canceling"` are all true. The hash is the canonical
+    (uppercase) value's, so `{"COMPLETED": ...}[job.status]` works; a lowercase key in a dict
+    or set is another key.
     """
 
     VALIDATING = "VALIDATING"
@@ -82,6 +86,23 @@ class BatchJobStatus(_TolerantStrEnum):
     EXPIRED = "EXPIRED"
     CANCELING = "CANCELING"
     CANCELLED = "CANCELLED"
+    #: The seed page's (and British) spellings of CANCELING and CANCELLED, as aliases.
+    CANCELLING = "CANCELING"
+    CANCELED = "CANCELLED"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, BatchJobStatus):
+            return self.value == other.value
+        if isinstance(other, str):
+            return _canonical_status(self.value) == _canonical_status(other)
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash(self.value)
 
     @classmethod
     def _normalise(cls, value: str) -> str:
@@ -89,7 +110,7 @@ class BatchJobStatus(_TolerantStrEnum):
 
     @classmethod
     def _aliases(cls) -> dict[str, str]:
-        return {"CANCELLING": "CANCELING", "CANCELED": "CANCELLED"}
+        return _STATUS_ALIASES
 
     @property
     def is_terminal(self) -> bool:
@@ -98,6 +119,12 @@ class BatchJobStatus(_TolerantStrEnum):
 
 
 _TERMINAL = frozenset({"COMPLETED", "FAILED", "EXPIRED", "CANCELLED"})
+_STATUS_ALIASES = {"CANCELLING": "CANCELING", "CANCELED": "CANCELLED"}
+
+
+def _canonical_status(text: str) -> str:
+    normalised = text.strip().upper()
+    return _STATUS_ALIASES.get(normalised, normalised)
 
 
 class FilePurpose(_TolerantStrEnum):
@@ -130,6 +157,19 @@ class BatchEndpoint(str, enum.Enum):
         return str(self.value)
 
 
+EndpointPath = Literal[
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+]
+"""The endpoint paths as literals, so a type checker catches a typo'd one."""
+
+Endpoint = BatchEndpoint | EndpointPath
+"""What an `endpoint=` argument takes: a BatchEndpoint or its path."""
+
+
 # Not slotted: a frozen slotted class sets each of the 26 fields through object.__setattr__,
 # which made building a job cost more than everything else in turning a poll's JSON into
 # one. Dict-backed instances are filled by plain dict stores (and take ~120 bytes more).
@@ -149,6 +189,7 @@ class BatchJob:
     endpoint: str | None = None
     progress: float | None = None
     model_id: str | None = None
+    priority: int | None = None
     output_file_id: str | None = None
     error_file_id: str | None = None
     error: str | None = None
@@ -198,11 +239,14 @@ class FileList:
 
     data: list[FileObject] = attrs.field(factory=list)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[FileObject]:
         return iter(self.data)
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def __getitem__(self, index: int) -> FileObject:
+        return self.data[index]
 
 
 @attrs.frozen(kw_only=True)

@@ -1,5 +1,6 @@
 """The pure part of the wire protocol: URLs, headers, error mapping from (status, headers, body),
-Retry-After parsing, retry decisions and the presigned-URL safety check.
+Retry-After parsing and retry decisions. (Whether a URL is a safe place to send a file is
+_safe_url.py's concern.)
 
 Nothing here does I/O or needs an event loop, so all of it is tested synchronously.
 """
@@ -9,13 +10,13 @@ from __future__ import annotations
 import email.utils
 import functools
 import html
-import ipaddress
+import os
 import platform
 import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urljoin, urlsplit
 
 import orjson
@@ -30,20 +31,19 @@ from ._errors import (
     UnsafeURLError,
     status_error_class,
 )
-from ._models import BatchEndpoint, BatchJob
+from ._models import BatchEndpoint, EndpointPath
+from ._safe_url import host_for_message
 
 __all__ = [
     "RETRYABLE_STATUSES",
     "APIOrigin",
     "api_url",
     "auth_headers",
-    "check_upload_url",
     "decode_json",
     "error_from_response",
     "get_header",
     "require_endpoint",
     "is_ambiguous_create_failure",
-    "may_be_the_created_job",
     "is_api_url",
     "is_retryable_status",
     "parse_content_range",
@@ -75,10 +75,45 @@ def auth_headers(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"}
 
 
-def require_id(value: object, what: str) -> str:
-    """Return `value` if it is a usable id, else raise InvalidArgumentError before any request."""
+def require_text(value: object, what: str) -> str:
+    """Return `value` if it is a str that can be sent (as UTF-8), else raise InvalidArgumentError.
+
+    A lone surrogate is what a name read with `errors="surrogateescape"` (a non-UTF-8 file
+    name, a misdecoded argv) carries: it cannot go on the wire, and failing here says where
+    instead of deep in the JSON encoder or the HTTP stack.
+    """
     if not isinstance(value, str):
         raise InvalidArgumentError(f"{what} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(
+            f"{what} {value!r} has a character that is not valid Unicode "
+            f"({value[exc.start]!r} at position {exc.start + 1}); was it decoded from bytes "
+            "that are not UTF-8?"
+        ) from None
+    if "\x00" in value:
+        raise InvalidArgumentError(f"{what} {value!r} contains a NUL character")
+    return value
+
+
+def wire_name(name: str) -> str:
+    """A local file name as it can be sent: undecodable bytes become U+FFFD.
+
+    For a name taken from the file system (not one the caller chose), refusing would make a
+    file impossible to upload for a name that is only metadata.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", errors="replace")
+    return name
+
+
+def require_id(value: object, what: str) -> str:
+    """Return `value` if it is a usable id, else raise InvalidArgumentError before any request."""
+    require_text(value, what)
+    assert isinstance(value, str)
     if not value.strip():
         raise InvalidArgumentError(f"{what} must not be empty")
     if value in (".", ".."):
@@ -91,7 +126,7 @@ def require_id(value: object, what: str) -> str:
 _KNOWN_ENDPOINTS = tuple(endpoint.value for endpoint in BatchEndpoint)
 
 
-def require_endpoint(value: object) -> str:
+def require_endpoint(value: object) -> EndpointPath:
     """The endpoint as a string if it is one Together's Batch API serves, else raise.
 
     Checked before any request: a typo ("/v1/chat/completion", "chat/completions") would
@@ -107,7 +142,7 @@ def require_endpoint(value: object) -> str:
             f"unknown batch endpoint {endpoint!r}; the Batch API serves "
             + ", ".join(repr(known) for known in _KNOWN_ENDPOINTS)
         )
-    return endpoint
+    return cast(EndpointPath, endpoint)
 
 
 # The characters quote() never changes: a segment made of them alone (nearly every id and
@@ -232,22 +267,6 @@ def retry_backoff(exc: Exception, *, retry_after_max: float) -> bool | float:
     return isinstance(exc, APIConnectionError)
 
 
-def may_be_the_created_job(
-    job: BatchJob, *, file_id: str, endpoint: str, not_before: datetime, ignored: frozenset[str]
-) -> bool:
-    """Whether `job` may be the one a create whose answer was lost made: same input file and
-    endpoint, made at or after `not_before` (the create's time less the allowed clock skew),
-    not one of `ignored`. A job that does not say when it was made, or for what, counts:
-    adopting it risks less than billing a second job. (create_batch's reconcile and
-    gather's resume share this rule.)"""
-    return (
-        job.input_file_id == file_id
-        and job.id not in ignored
-        and (job.endpoint is None or job.endpoint == endpoint)
-        and (job.created_at is None or job.created_at >= not_before)
-    )
-
-
 def is_ambiguous_create_failure(exc: Exception) -> bool:
     """True when a failed POST may still have been acted on by the server: a timeout, a dropped
     connection or a 5xx. A 408 or 429 means the server did not process it."""
@@ -328,7 +347,13 @@ def _scrubbed(value: Any, secret: str) -> Any:
 
 def _route(method: str, url: str) -> str:
     # The path only: a presigned URL's query string is a credential.
-    return f"{method.upper()} {urlsplit(url).path or '/'}"
+    try:
+        path = urlsplit(url).path
+    except ValueError as exc:
+        raise UnsafeURLError(
+            f"{method.upper()} to {host_for_message(url)}: not a valid URL ({exc})"
+        ) from None
+    return f"{method.upper()} {path or '/'}"
 
 
 def error_from_response(
@@ -410,105 +435,16 @@ def unwrap_job(payload: Any) -> tuple[Any, str | None]:
 
 
 def resolve_location(current_url: str, location: str) -> str:
-    """A redirect's absolute target (a Location may be relative to the URL that answered)."""
-    return urljoin(current_url, location.strip())
+    """A redirect's absolute target (a Location may be relative to the URL that answered).
 
-
-_METADATA_HOSTS = frozenset(
-    {
-        "metadata.google.internal",
-        "metadata.goog",
-        "metadata",
-        "instance-data",
-        "instance-data.ec2.internal",
-    }
-)
-_BLOCKED_NETWORKS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
-    ipaddress.ip_network("0.0.0.0/8"),  # "this network", incl. the unspecified address
-    ipaddress.ip_network("169.254.0.0/16"),  # link-local, where AWS/GCP/Azure metadata live
-    ipaddress.ip_network("100.100.100.200/32"),  # Alibaba Cloud metadata
-    ipaddress.ip_network("192.0.0.192/32"),  # Oracle Cloud metadata
-    ipaddress.ip_network("::/128"),  # unspecified
-    ipaddress.ip_network("fe80::/10"),  # link-local
-    ipaddress.ip_network("fd00:ec2::254/128"),  # AWS metadata over IPv6
-)
-
-
-def _ipv4_component(part: str) -> int | None:
-    # inet_aton accepts hex and octal components, so "0xa9.0376.169.254" reaches 169.254.169.254.
-    if not part:
-        return None
+    A Location no URL parser accepts (an unclosed `[`, say) is UnsafeURLError naming its host,
+    never its query: a presigned URL's signature is a credential."""
     try:
-        if part.lower().startswith("0x"):
-            return int(part[2:], 16) if len(part) > 2 else 0
-        if len(part) > 1 and part.startswith("0"):
-            return int(part[1:], 8)
-        return int(part, 10) if part.isdecimal() else None
-    except ValueError:
-        return None
-
-
-def _loose_ipv4(host: str) -> ipaddress.IPv4Address | None:
-    """Parse IPv4 the way getaddrinfo does: `127.1`, `2852039166`, `0xa9fea9fe` all count."""
-    parts = host.split(".")
-    if not 1 <= len(parts) <= 4:
-        return None
-    numbers = [_ipv4_component(part) for part in parts]
-    if any(number is None for number in numbers):
-        return None
-    values = [number for number in numbers if number is not None]
-    *head, last = values
-    if any(value > 0xFF for value in head) or last >= 256 ** (4 - len(head)):
-        return None
-    address = 0
-    for value in head:
-        address = (address << 8) | value
-    address = (address << (8 * (4 - len(head)))) | last
-    return ipaddress.IPv4Address(address)
-
-
-def _host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return _loose_ipv4(host)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def check_upload_url(url: str, *, api_base_url: str) -> str:
-    """Return `url` if the file may be sent there, else raise UnsafeURLError.
-
-    Rules: https, unless the API itself is plain http (a local emulator); a host is required;
-    no user:password in the URL; no cloud-metadata, link-local or unspecified targets.
-    Loopback and private addresses stay allowed, so on-premises storage and local test servers
-    work. DNS is not resolved: this guards against a hostile Location, not a hostile resolver.
-    """
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    api_scheme = urlsplit(api_base_url).scheme.lower()
-    allowed = {"https", "http"} if api_scheme == "http" else {"https"}
-    shown = _route("PUT", url).split(" ", 1)[1]
-    if scheme not in allowed:
+        return urljoin(current_url, location.strip())
+    except ValueError as exc:
         raise UnsafeURLError(
-            f"refusing to upload to a {scheme or 'scheme-less'} URL ({parts.hostname}{shown}): "
-            "https is required when the API base URL is https"
-        )
-    host = (parts.hostname or "").rstrip(".").lower()
-    if not host:
-        raise UnsafeURLError("refusing to upload to a URL without a host")
-    if parts.username is not None or parts.password is not None:
-        raise UnsafeURLError(f"refusing to upload to a URL with credentials in it (host {host})")
-    if host in _METADATA_HOSTS:
-        raise UnsafeURLError(f"refusing to upload to the cloud metadata host {host}")
-    address = _host_address(host)
-    if address is not None:
-        if address.is_unspecified or any(address in net for net in _BLOCKED_NETWORKS):
-            raise UnsafeURLError(
-                f"refusing to upload to {address}: a link-local, metadata or unspecified address"
-            )
-    return url
+            f"refusing to follow a malformed Location to {host_for_message(location)} ({exc})"
+        ) from None
 
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)

@@ -17,17 +17,18 @@ import orjson
 
 from . import watch
 from ._convert import result_from_row, structure
-from ._errors import APIError, APIResponseValidationError, InvalidArgumentError
-from ._models import BatchEndpoint, BatchJob, BatchResult
+from ._errors import APIError, APIResponseValidationError, APIStatusError, InvalidArgumentError
+from ._models import BatchJob, BatchJobStatus, BatchResult, Endpoint
 from ._protocol import (
     decode_json,
     is_ambiguous_create_failure,
-    may_be_the_created_job,
     require_endpoint,
     require_id,
+    require_text,
     unwrap_job,
     with_context,
 )
+from ._reconcile import CreateRequest
 from .watch import BatchWatcher, JobObserver
 
 if TYPE_CHECKING:
@@ -47,6 +48,63 @@ def _jobs_from_list(payload: Any) -> list[BatchJob]:
     return structure(payload, list[BatchJob])
 
 
+_INT64 = range(-(2**63), 2**63)
+# How a server refuses to cancel a job that can no longer be cancelled (the emulator and the
+# spec: 400), and the states in which a lost cancel's work is seen to be done.
+_REFUSALS = frozenset({400, 409, 422})
+_CANCELLED = frozenset({BatchJobStatus.CANCELING, BatchJobStatus.CANCELLED})
+
+
+def create_request(
+    file_id: Any,
+    endpoint: Any,
+    *,
+    completion_window: Any = "24h",
+    model_id: Any = None,
+    priority: Any = None,
+) -> CreateRequest:
+    """create_batch's arguments, checked: InvalidArgumentError before anything is sent."""
+    input_file_id = require_id(file_id, "file_id")
+    endpoint_value = require_endpoint(endpoint)
+    if not isinstance(completion_window, str) or not completion_window.strip():
+        raise InvalidArgumentError("completion_window must be a non-empty string")
+    require_text(completion_window, "completion_window")
+    if model_id is not None:
+        require_text(model_id, "model_id")
+    if priority is not None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidArgumentError("priority must be an int")
+        if priority not in _INT64:
+            raise InvalidArgumentError(
+                f"priority must be within the 64-bit integer range, got {priority}"
+            )
+    return CreateRequest(
+        input_file_id=input_file_id,
+        endpoint=endpoint_value,
+        completion_window=completion_window,
+        model_id=model_id,
+        priority=priority,
+    )
+
+
+def _ignored_ids(ignore_jobs: Any) -> frozenset[str]:
+    # None is "no jobs", as for any optional collection.
+    if ignore_jobs is None:
+        return frozenset()
+    if isinstance(ignore_jobs, (str, bytes)) or not isinstance(ignore_jobs, Iterable):
+        raise InvalidArgumentError(
+            "ignore_jobs must be a collection of job ids, not a "
+            + ("string" if isinstance(ignore_jobs, str) else type(ignore_jobs).__name__)
+        )
+    try:
+        ignored = frozenset(ignore_jobs)
+    except TypeError:
+        ignored = None
+    if ignored is None or not all(isinstance(job_id, str) for job_id in ignored):
+        raise InvalidArgumentError("ignore_jobs must hold job ids (strings)")
+    return ignored
+
+
 class Batches:
     """`client.batches`: create, inspect, cancel batch jobs and read their results."""
 
@@ -56,54 +114,55 @@ class Batches:
     async def create_batch(
         self,
         file_id: str,
-        endpoint: str | BatchEndpoint,
+        endpoint: Endpoint,
         *,
         completion_window: str = "24h",
         model_id: str | None = None,
         priority: int | None = None,
-        ignore_jobs: Collection[str] = (),
+        ignore_jobs: Collection[str] | None = (),
         max_retries: int | None = None,
     ) -> BatchJob:
         """Start a batch job on an uploaded file; returns the new job.
 
         There is no idempotency key in the API, so a request that may have reached the
         server (a timeout, a dropped connection, a 5xx) is never simply sent again: the jobs
-        are listed first, and a job on the same file and endpoint created since just before
-        the first attempt is returned instead. One call makes at most one job.
+        are listed first, and a job made since just before the first attempt for everything
+        this call asked for (file, endpoint, model, completion window, priority) is returned
+        instead. One call makes at most one job, and concurrent calls of one client never
+        return the same job.
 
         The server's `warning`, if any, is kept on the returned job (`job.warning`) and logged.
 
         Args:
-            ignore_jobs: ids of jobs known not to be this call's, left out of that check.
-                Pass the jobs you already ran on the same file: identical uploads share a
-                file id (the API deduplicates by checksum), so an earlier job on the same
-                file could otherwise be mistaken for the one this call made.
+            priority: an integer within the API's 64-bit range.
+            ignore_jobs: ids of jobs known not to be this call's, left out of that check
+                (None means none). Pass the jobs you already ran on the same file: identical
+                uploads share a file id (the API deduplicates by checksum), so an earlier job
+                on the same file could otherwise be mistaken for the one this call made.
 
         Example:
             job = await client.batches.create_batch(uploaded.id, "/v1/chat/completions")
         """
-        input_file_id = require_id(file_id, "file_id")
-        endpoint_value = require_endpoint(endpoint)
-        if not isinstance(completion_window, str) or not completion_window.strip():
-            raise InvalidArgumentError("completion_window must be a non-empty string")
-        if model_id is not None and not isinstance(model_id, str):
-            raise InvalidArgumentError("model_id must be a string")
-        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-            raise InvalidArgumentError("priority must be an int")
-        if isinstance(ignore_jobs, str):
-            raise InvalidArgumentError("ignore_jobs must be a collection of job ids, not a string")
-        ignored = frozenset(ignore_jobs)
+        request = create_request(
+            file_id,
+            endpoint,
+            completion_window=completion_window,
+            model_id=model_id,
+            priority=priority,
+        )
+        ignored = _ignored_ids(ignore_jobs)
         body: dict[str, Any] = {
-            "input_file_id": input_file_id,
-            "endpoint": endpoint_value,
-            "completion_window": completion_window,
+            "input_file_id": request.input_file_id,
+            "endpoint": request.endpoint,
+            "completion_window": request.completion_window,
         }
-        if model_id is not None:
-            body["model_id"] = model_id
-        if priority is not None:
-            body["priority"] = priority
+        if request.model_id is not None:
+            body["model_id"] = request.model_id
+        if request.priority is not None:
+            body["priority"] = request.priority
 
         client = self._client
+        claims = client._claims
         url = client._url("batches")
         since = datetime.now(timezone.utc) - timedelta(seconds=client.config.create_reconcile_skew)
         maybe_created = False
@@ -111,32 +170,38 @@ class Batches:
         async def attempt() -> BatchJob:
             nonlocal maybe_created
             if maybe_created:
-                found = await self._find_created(input_file_id, endpoint_value, since, ignored)
+                found = await self._find_created(request, since, ignored)
                 if found is not None:
                     return found
-            try:
-                response = await client._send_once("POST", url, json=body)
-            except APIError as exc:
-                if is_ambiguous_create_failure(exc):
-                    maybe_created = True
-                raise
-            return self._created_job(decode_json(response.body, what="POST /batches"))
+            async with claims.sending(request.input_file_id):
+                try:
+                    response = await client._send_once("POST", url, json=body)
+                except APIError as exc:
+                    if is_ambiguous_create_failure(exc):
+                        maybe_created = True
+                    raise
+                # Claimed before the gate lets a reconcile on this file list the jobs.
+                job = self._created_job(decode_json(response.body, what="POST /batches"))
+                claims.claim(job)
+                return job
 
-        try:
-            return await client._with_retries(attempt, max_retries=max_retries)
-        except APIError as exc:
-            if not maybe_created:
-                raise
-            failure = exc
-        # The last attempt may itself have created the job: look once more before giving up.
-        try:
-            found = await self._find_created(input_file_id, endpoint_value, since, ignored)
-        except APIError as exc:
-            raise with_context(
-                failure,
-                f"create_batch for file {input_file_id} may have created a job, and listing "
-                f"jobs to check failed too ({exc}); check list_batches() before trying again",
-            ) from exc
+        with claims.active(since):
+            try:
+                return await client._with_retries(attempt, max_retries=max_retries)
+            except APIError as exc:
+                if not maybe_created:
+                    raise
+                failure = exc
+            # The last attempt may itself have created the job: look once more before giving up.
+            try:
+                found = await self._find_created(request, since, ignored)
+            except APIError as exc:
+                raise with_context(
+                    failure,
+                    f"create_batch for file {request.input_file_id} may have created a job, and "
+                    f"listing jobs to check failed too ({exc}); check list_batches() before "
+                    "trying again",
+                ) from exc
         if found is not None:
             return found
         raise failure
@@ -150,26 +215,23 @@ class Batches:
         return job
 
     async def _find_created(
-        self, file_id: str, endpoint: str, since: datetime, ignored: frozenset[str]
+        self,
+        request: CreateRequest,
+        since: datetime,
+        ignored: frozenset[str],
     ) -> BatchJob | None:
-        """The newest job that may be this create's (`may_be_the_created_job`), if any."""
-        candidates = [
-            job
-            for job in await self.list_batches()
-            if may_be_the_created_job(
-                job, file_id=file_id, endpoint=endpoint, not_before=since, ignored=ignored
+        """The job this lost create made, adopted and claimed (see _reconcile), if any."""
+        claims = self._client._claims
+        async with claims.reconciling(request.input_file_id):
+            jobs = await self.list_batches()
+            found = claims.adopt(jobs, request, not_before=since, ignored=ignored)
+        if found is not None:
+            logger.warning(
+                "create_batch: a request for file %s failed after it may have reached the "
+                "server; found job %s made for it, returning that instead of creating another",
+                request.input_file_id,
+                found.id,
             )
-        ]
-        if not candidates:
-            return None
-        oldest = datetime.min.replace(tzinfo=timezone.utc)
-        found = max(candidates, key=lambda job: job.created_at or oldest)
-        logger.warning(
-            "create_batch: a request for file %s failed after it may have reached the server; "
-            "found job %s made for it, returning that instead of creating another",
-            file_id,
-            found.id,
-        )
         return found
 
     async def get_batch(self, id: str, *, max_retries: int | None = None) -> BatchJob:
@@ -195,17 +257,35 @@ class Batches:
     async def cancel_batch(self, id: str, *, max_retries: int | None = None) -> BatchJob:
         """Ask the API to cancel a job; returns the job as it is after the request.
 
-        Requests that already finished are billed and still appear in the output file.
+        Requests that already finished are billed and still appear in the output file. When
+        an attempt's answer was lost (a dropped connection, a 5xx) and the retry is refused
+        because the job is already cancelling or cancelled, that first attempt did the work:
+        the job is returned, not the refusal.
         """
         batch_id = require_id(id, "batch id")
         client = self._client
-        payload = await client._send_json(
-            "POST",
-            client._url("batches", batch_id, "cancel"),
-            what="POST /batches/{id}/cancel",
-            max_retries=max_retries,
-        )
-        return structure(unwrap_job(payload)[0], BatchJob)
+        url = client._url("batches", batch_id, "cancel")
+        answer_lost = False
+
+        async def attempt() -> BatchJob:
+            nonlocal answer_lost
+            try:
+                response = await client._send_once("POST", url)
+            except APIStatusError as exc:
+                if answer_lost and exc.status_code in _REFUSALS:
+                    job = await self.get_batch(batch_id, max_retries=max_retries)
+                    if job.status in _CANCELLED:
+                        logger.info("cancel_batch %s: already %s", batch_id, job.status)
+                        return job
+                answer_lost = answer_lost or is_ambiguous_create_failure(exc)
+                raise
+            except APIError as exc:
+                answer_lost = answer_lost or is_ambiguous_create_failure(exc)
+                raise
+            payload = decode_json(response.body, what="POST /batches/{id}/cancel")
+            return structure(unwrap_job(payload)[0], BatchJob)
+
+        return await client._with_retries(attempt, max_retries=max_retries)
 
     def stream_status(
         self,
@@ -343,6 +423,41 @@ class Batches:
                 for result in decoder.finish():
                     yield result
                 decoder.raise_for_bad_line()
+
+    # --- the official SDK's names, for readers of its docs ----------------------------------
+
+    async def create(
+        self,
+        input_file_id: str,
+        endpoint: Endpoint,
+        *,
+        completion_window: str = "24h",
+        model_id: str | None = None,
+        priority: int | None = None,
+        max_retries: int | None = None,
+    ) -> BatchJob:
+        """`create_batch` under the official SDK's name. Unlike the SDK's `create`, which
+        wraps the job (`response.job`), this returns the job itself (its `warning` on it)."""
+        return await self.create_batch(
+            input_file_id,
+            endpoint,
+            completion_window=completion_window,
+            model_id=model_id,
+            priority=priority,
+            max_retries=max_retries,
+        )
+
+    async def retrieve(self, batch_id: str, *, max_retries: int | None = None) -> BatchJob:
+        """`get_batch` under the official SDK's name."""
+        return await self.get_batch(batch_id, max_retries=max_retries)
+
+    async def list(self, *, max_retries: int | None = None) -> list[BatchJob]:
+        """`list_batches` under the official SDK's name."""
+        return await self.list_batches(max_retries=max_retries)
+
+    async def cancel(self, batch_id: str, *, max_retries: int | None = None) -> BatchJob:
+        """`cancel_batch` under the official SDK's name."""
+        return await self.cancel_batch(batch_id, max_retries=max_retries)
 
 
 _DECODE_WINDOW = 128 * 1024

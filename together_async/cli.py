@@ -80,6 +80,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _file_path(text: str) -> Path:
+    # Path("") is ".", the current directory: an empty --state is a mistake to say so.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a file path, got an empty string")
+    path = Path(text)
+    if not path.name:
+        raise argparse.ArgumentTypeError(f"must be a file path, got {text!r}")
+    return path
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -183,7 +193,7 @@ def _add_run_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     run.add_argument(
         "-o",
         "--output",
-        type=Path,
+        type=_file_path,
         required=True,
         metavar="RESULTS.jsonl",
         help="where to write the results",
@@ -196,7 +206,7 @@ def _add_run_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     run.add_argument("--model", help="model for request bodies that name none")
     run.add_argument(
         "--state",
-        type=Path,
+        type=_file_path,
         metavar="FILE",
         help="durable run state: rerun the same command after a crash or Ctrl-C to resume "
         "without creating jobs twice",
@@ -857,6 +867,34 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     sys.exit(run_cli(argv))
 
 
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
+def _is_broken_pipe(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, BrokenPipeError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`... | head`): end quietly, as git and gh do.
+
+    stdout is pointed at /dev/null so the interpreter's flush at exit does not report the
+    same broken pipe again; the exit code is a SIGPIPE death's, which is what a shell
+    pipeline expects of a writer whose reader left.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def run_cli(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]), run the command, and return its exit code."""
     parser = build_parser()
@@ -877,6 +915,8 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     except _Interrupted as exc:
         sys.stderr.write(f"{PROG}: {exc}\n")
         return exc.exit_code
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return EXIT_INTERRUPTED
@@ -885,6 +925,8 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: error: invalid input {secrets.scrub(str(exc))}\n")
         return EXIT_FAILED
     except (TogetherError, OSError) as exc:
+        if _is_broken_pipe(exc):
+            return _stdout_closed()
         if debug:
             sys.stderr.write(secrets.scrub(traceback.format_exc()))
         sys.stderr.write(f"{PROG}: error: {secrets.scrub(_hint(exc))}\n")

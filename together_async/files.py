@@ -16,7 +16,7 @@ import secrets
 import stat as stat_module
 import tempfile
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Union
@@ -28,25 +28,30 @@ import anyio.to_thread
 from ._convert import structure, structure_file_list
 from ._errors import (
     APIConnectionError,
+    APIError,
     APIResponseValidationError,
     InvalidArgumentError,
+    NotFoundError,
     TogetherError,
 )
 from ._jsonl import CHUNK_SIZE, aiter_json, aiter_lines, check_batch_chunks, raise_for_problems
 from ._models import DownloadedFile, FileDeleteResponse, FileList, FileObject, FilePurpose
 from ._protocol import (
     REDIRECT_STATUSES,
-    check_upload_url,
     decode_json,
     error_from_response,
     get_header,
+    is_ambiguous_create_failure,
     parse_content_range,
     require_endpoint,
     require_id,
+    require_text,
     resolve_location,
     user_agent,
+    wire_name,
     with_context,
 )
+from ._safe_url import check_upload_url
 from ._transport import FormField, Response
 
 if TYPE_CHECKING:
@@ -104,7 +109,8 @@ class _UploadSource:
                 raise InvalidArgumentError(f"cannot read {path}: {exc.strerror or exc}") from exc
             if not stat_module.S_ISREG(stat.st_mode):
                 raise InvalidArgumentError(f"{path} is not a regular file")
-            return cls(label=str(path), name=filename or path.name, size=stat.st_size, path=path)
+            name = filename or wire_name(path.name)
+            return cls(label=str(path), name=name, size=stat.st_size, path=path)
         if isinstance(file, (bytes, bytearray, memoryview)):
             data = bytes(file)
             return cls(label="<bytes>", name=filename or "upload.jsonl", size=len(data), data=data)
@@ -117,7 +123,9 @@ class _UploadSource:
     @classmethod
     async def _from_fileobj(cls, fileobj: Any, filename: str | None) -> _UploadSource:
         raw_name = getattr(fileobj, "name", None)
-        name = filename or (os.path.basename(raw_name) if isinstance(raw_name, str) else "")
+        name = filename or (
+            wire_name(os.path.basename(raw_name)) if isinstance(raw_name, str) else ""
+        )
         name = name or "upload.jsonl"
         label = raw_name if isinstance(raw_name, str) else "<file object>"
         if isinstance(fileobj, io.TextIOBase):
@@ -311,6 +319,7 @@ class Files:
         filename: str | None = None,
         endpoint: str | None = None,
         max_retries: int | None = None,
+        on_file_id: Callable[[str], Awaitable[object]] | None = None,
     ) -> FileObject:
         """Upload a file and return it as the API stores it.
 
@@ -328,14 +337,20 @@ class Files:
             endpoint: the batch endpoint the file is for, so lines with another `url` are
                 caught by the check.
             max_retries: overrides the client's setting for this call.
+            on_file_id: awaited with the id the API assigned to the file before its bytes
+                are sent to storage, so a process killed mid-upload leaves a record of the
+                incomplete remote file (to delete, or to finish). Not called when the API
+                answers with an existing file, or takes the file in one request.
 
         Example:
             uploaded = await client.files.upload("requests.jsonl")
         """
-        purpose_value = str(FilePurpose(purpose)) if isinstance(purpose, str) else None
+        purpose_value = (
+            str(FilePurpose(require_text(purpose, "purpose"))) if isinstance(purpose, str) else None
+        )
         if not purpose_value:
             raise InvalidArgumentError(f"purpose must be a non-empty string, got {purpose!r}")
-        if filename is not None and (not isinstance(filename, str) or not filename.strip()):
+        if filename is not None and (not require_text(filename, "filename").strip()):
             raise InvalidArgumentError("filename must be a non-empty string")
         endpoint_value = None if endpoint is None else require_endpoint(endpoint)
         source = await _UploadSource.open(file, filename)
@@ -344,12 +359,17 @@ class Files:
                 validate=check and purpose_value == _BATCH_API,
                 endpoint=endpoint_value,
             )
-            return await self._upload(source, purpose_value, checksum, max_retries)
+            return await self._upload(source, purpose_value, checksum, max_retries, on_file_id)
         finally:
             await source.aclose()
 
     async def _upload(
-        self, source: _UploadSource, purpose: str, checksum: str, max_retries: int | None
+        self,
+        source: _UploadSource,
+        purpose: str,
+        checksum: str,
+        max_retries: int | None,
+        on_file_id: Callable[[str], Awaitable[object]] | None,
     ) -> FileObject:
         client = self._client
 
@@ -370,7 +390,7 @@ class Files:
             max_retries=max_retries,
         )
         if response.status in REDIRECT_STATUSES:
-            return await self._presigned(source, response, max_retries)
+            return await self._presigned(source, response, max_retries, on_file_id)
         if response.status == 409:
             return await self._existing(response, max_retries)
         if response.status in (404, 405):
@@ -411,7 +431,11 @@ class Files:
         return await self.retrieve(file_id, max_retries=max_retries)
 
     async def _presigned(
-        self, source: _UploadSource, response: Response, max_retries: int | None
+        self,
+        source: _UploadSource,
+        response: Response,
+        max_retries: int | None,
+        on_file_id: Callable[[str], Awaitable[object]] | None,
     ) -> FileObject:
         client = self._client
         location = get_header(response.headers, "location")
@@ -422,6 +446,8 @@ class Files:
             )
         file_id = file_id.strip()
         storage_url = resolve_location(response.url, location)
+        if on_file_id is not None:
+            await on_file_id(file_id)
         # A storage that answers 200 but keeps nothing (or a part) shows in the file the API
         # then reports: PUT again, as often as a failed request would be retried.
         attempts = client.config.attempts_for(max_retries)
@@ -434,15 +460,7 @@ class Files:
                     f"uploading {source.label} failed after POST /files created file "
                     f"{file_id}, which is left without its content (delete it or upload again)",
                 ) from exc
-            preprocessed = await client._send_json(
-                "POST",
-                client._url("files", file_id, "preprocess"),
-                what="POST /files/{id}/preprocess",
-                max_retries=max_retries,
-            )
-            if isinstance(preprocessed, dict) and isinstance(preprocessed.get("file"), dict):
-                preprocessed = preprocessed["file"]
-            uploaded = structure(preprocessed, FileObject)
+            uploaded = await self._preprocess(file_id, max_retries)
             if uploaded.bytes is None or uploaded.bytes == source.size:
                 return uploaded
             logger.warning(
@@ -458,6 +476,19 @@ class Files:
             f"storage accepted {source.label} {attempts} time(s) but file {file_id} holds "
             f"{uploaded.bytes} of its {source.size} bytes (delete it or upload again)"
         )
+
+    async def _preprocess(self, file_id: str, max_retries: int | None) -> FileObject:
+        """POST /files/{id}/preprocess: finish a presigned upload; the file as it now is."""
+        client = self._client
+        preprocessed = await client._send_json(
+            "POST",
+            client._url("files", file_id, "preprocess"),
+            what="POST /files/{id}/preprocess",
+            max_retries=max_retries,
+        )
+        if isinstance(preprocessed, dict) and isinstance(preprocessed.get("file"), dict):
+            preprocessed = preprocessed["file"]
+        return structure(preprocessed, FileObject)
 
     async def _put(self, source: _UploadSource, url: str, max_retries: int | None) -> None:
         """PUT the bytes to storage, following at most a few redirects (re-streaming each hop);
@@ -557,16 +588,33 @@ class Files:
         return structure_file_list(payload)
 
     async def delete(self, id: str, *, max_retries: int | None = None) -> FileDeleteResponse:
-        """Delete the file with this id."""
+        """Delete the file with this id.
+
+        A retry after an attempt whose answer was lost (a dropped connection, a 5xx) may
+        find the file gone: that attempt deleted it, so that 404 is success. A 404 on the
+        first attempt is NotFoundError.
+        """
         file_id = require_id(id, "file id")
         client = self._client
-        payload = await client._send_json(
-            "DELETE",
-            client._url("files", file_id),
-            what="DELETE /files/{id}",
-            max_retries=max_retries,
-        )
-        return structure(payload, FileDeleteResponse)
+        url = client._url("files", file_id)
+        maybe_deleted = False
+
+        async def attempt() -> FileDeleteResponse:
+            nonlocal maybe_deleted
+            try:
+                response = await client._send_once("DELETE", url)
+            except NotFoundError:
+                if not maybe_deleted:
+                    raise
+                logger.info("delete %s: gone on retry, deleted by the attempt that failed", file_id)
+                return FileDeleteResponse(id=file_id, deleted=True)
+            except APIError as exc:
+                maybe_deleted = maybe_deleted or is_ambiguous_create_failure(exc)
+                raise
+            payload = decode_json(response.body, what="DELETE /files/{id}")
+            return structure(payload, FileDeleteResponse)
+
+        return await client._with_retries(attempt, max_retries=max_retries)
 
     # ---- content --------------------------------------------------------------------------
 
@@ -661,6 +709,13 @@ class Files:
         """
         file_id = require_id(id, "file id")
         return self._content_chunks(file_id, max_retries=max_retries)
+
+    def content(self, id: str, *, max_retries: int | None = None) -> AsyncGenerator[bytes, None]:
+        """`iter_bytes` under the official SDK's name. The SDK's `content` gives a response
+        object to `.read()`; this streams the bytes in chunks (a file can be 100 MB), so
+        `b"".join([c async for c in client.files.content(id)])` reads it whole, and
+        `retrieve_content(id, output=path)` writes it to disk."""
+        return self.iter_bytes(id, max_retries=max_retries)
 
     def iter_lines(self, id: str, *, max_retries: int | None = None) -> AsyncIterator[bytes]:
         """The lines of a remote file as they arrive (without line endings), resuming with

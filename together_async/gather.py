@@ -55,13 +55,15 @@ import anyio.to_thread
 import attrs
 from anyio.streams.memory import MemoryObjectSendStream
 
-from ._errors import InvalidArgumentError, ManifestMismatchError, NotFoundError
+from ._errors import APIStatusError, InvalidArgumentError, ManifestMismatchError, NotFoundError
 from ._jsonl import LineSplitter
-from ._models import BatchEndpoint, BatchJob, BatchResult
-from ._protocol import may_be_the_created_job, require_endpoint
+from ._models import BatchEndpoint, BatchJob, BatchResult, Endpoint, EndpointPath, FileObject
+from ._protocol import require_endpoint, require_text
+from ._reconcile import CreateRequest, claim_hook, may_have_made
 from ._sharding import InputSharder, ShardAccounting, WrittenShard, ids_path
+from .batches import create_request
 from .manifest import Manifest, ShardRecord, ShardStep
-from .watch import BatchWatcher, JobObserver, PollSchedule
+from .watch import BatchWatcher, JobObserver, PollSchedule, check_progress
 
 if sys.version_info >= (3, 11):
     from builtins import BaseExceptionGroup
@@ -86,6 +88,7 @@ RequestsInput = Union[str, "os.PathLike[str]", Iterable[Any], AsyncIterable[Any]
 
 MAX_REQUESTS_PER_BATCH = 50_000
 MAX_BYTES_PER_BATCH = 100 * 1024 * 1024
+_FAILED_FILE = frozenset({"FAILED", "INVALID_FORMAT"})
 CLEANUP_TIMEOUT = 30.0
 """Seconds that cancelling remote jobs may take when a run is cancelled or fails."""
 
@@ -204,7 +207,7 @@ class BatchRun:
         client: AsyncTogether,
         requests: RequestsInput,
         *,
-        endpoint: str | BatchEndpoint = BatchEndpoint.CHAT_COMPLETIONS,
+        endpoint: Endpoint = BatchEndpoint.CHAT_COMPLETIONS,
         model: str | None = None,
         max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH,
         max_bytes_per_batch: int = MAX_BYTES_PER_BATCH,
@@ -224,19 +227,28 @@ class BatchRun:
         self._endpoint = _check_endpoint(endpoint)
         if model is not None and (not isinstance(model, str) or not model.strip()):
             raise InvalidArgumentError(f"model must be a non-empty string or None, got {model!r}")
-        self._model = model
-        self._max_lines = _check_count("max_requests_per_batch", max_requests_per_batch)
-        self._max_bytes = _check_count("max_bytes_per_batch", max_bytes_per_batch)
+        self._model = None if model is None else require_text(model, "model")
+        self._max_lines = _check_count(
+            "max_requests_per_batch", max_requests_per_batch, limit=MAX_REQUESTS_PER_BATCH
+        )
+        self._max_bytes = _check_count(
+            "max_bytes_per_batch", max_bytes_per_batch, limit=MAX_BYTES_PER_BATCH
+        )
         self._max_concurrency = _check_count("max_concurrency", max_concurrency)
         self._max_attempts = _check_count("max_attempts", max_attempts)
-        self._state_path = None if state_path is None else Path(state_path)
+        self._state_path = _check_state_path(state_path)
         self._cancel_on_exit = (state_path is None) if cancel_on_exit is None else cancel_on_exit
         self._delete_files = bool(delete_files)
+        check_progress(progress)
         self._progress = progress
         PollSchedule(poll_interval=poll_interval, max_interval=max_interval)  # checks them
         self._poll_interval = poll_interval
         self._max_interval = max_interval
-        self._completion_window = completion_window
+        if not isinstance(completion_window, str) or not completion_window.strip():
+            raise InvalidArgumentError(
+                f"completion_window must be a non-empty string, got {completion_window!r}"
+            )
+        self._completion_window = require_text(completion_window, "completion_window")
         self._started = False
         self._stats = _Stats()
 
@@ -321,6 +333,7 @@ class BatchRun:
             self._stats.rows = rows
             sink.start(rows)
             if rows == 0:
+                await workspace.check_nothing_recorded()
                 return
             settings = {
                 "endpoint": self._endpoint,
@@ -470,16 +483,52 @@ class _Workspace:
         manifest = await Manifest.open(state_path)
         workspace = cls(manifest, temporary, created)
         try:
+            if temporary is None and await manifest.run() is None:
+                await anyio.to_thread.run_sync(workspace._check_no_orphan_files)
             await anyio.to_thread.run_sync(workspace._make_directories)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await manifest.aclose()
+                if created:
+                    # Only the empty file this call made: a refused start leaves nothing.
+                    await anyio.Path(state_path).unlink(missing_ok=True)
             raise
         return workspace
 
     @property
     def resumable(self) -> bool:
         return self.temporary is None
+
+    def _check_no_orphan_files(self) -> None:
+        # A state file that records no run beside the files of one was lost, emptied or
+        # replaced: a fresh run would upload and bill the whole input again, and the files
+        # are the only trace of the jobs that were made.
+        for directory in (self.inputs, self.results):
+            try:
+                orphan = next((p for p in directory.iterdir() if p.is_file()), None)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                raise InvalidArgumentError(f"cannot read {directory}: {exc}") from exc
+            if orphan is not None:
+                raise ManifestMismatchError(
+                    f"{self.manifest.path} records no run, but {self.manifest.directory} holds "
+                    f"the files of one (e.g. {orphan.name}): the state file was lost, emptied or "
+                    "replaced. Restore it to resume that run, or delete "
+                    f"{self.manifest.directory} to start over (that run's jobs are not reused)"
+                )
+
+    async def check_nothing_recorded(self) -> None:
+        """Raise when an empty input meets a recorded run: that is no resume, but a mistake."""
+        if not self.resumable:
+            return
+        recorded = await self.manifest.run()
+        if recorded is not None:
+            raise ManifestMismatchError(
+                f"{self.manifest.path} records a run of {recorded.rows:,} rows, but no requests "
+                "were given now (an exhausted iterator or an empty list?); pass the same "
+                "requests again to resume it, or use another state_path"
+            )
 
     def _make_directories(self) -> None:
         for directory in (self.inputs, self.results, self.scratch):
@@ -571,8 +620,12 @@ class _Pipeline:
         self._waiting: dict[str, anyio.Event] = {}
         self._outstanding = 0
         self._live: dict[int, str] = {}  # shard id -> batch id, job not seen finished
-        self._creating: dict[int, str] = {}  # shard id -> file id, create_batch in flight
+        self._creating: dict[int, ShardRecord] = {}  # create_batch in flight (CREATING)
+        # shard id -> the job its create_batch made or adopted, from the moment it is claimed
+        # (set inside create_batch, so a cancellation right after still knows it is ours).
+        self._claimed: dict[int, str] = {}
         self._listing: dict[str, list[BatchJob]] | None = None
+        self._listing_sends = 0  # the client's creates sent before that listing
         self._known_batch_ids: set[str] = set()
         self._listing_lock = anyio.Lock()
         self._delivered = bytearray(rows)
@@ -604,6 +657,7 @@ class _Pipeline:
             if error is exc:
                 raise
         finally:
+            self._release_unrecorded_claims()
             await self._watcher.aclose()
         if error is not None:
             raise error
@@ -642,26 +696,78 @@ class _Pipeline:
 
     async def _upload(self, shard: ShardRecord) -> ShardRecord:
         path = self._workspace.inputs / shard.input_name
+        manifest = self._manifest
+
+        async def remember(file_id: str) -> None:
+            await manifest.record_upload_started(shard.id, file_id)
+
         async with self._uploads:
-            uploaded = await self._client.files.upload(path, purpose="batch-api", check=False)
+            if shard.file_id is not None:
+                reused = await self._finish_interrupted_upload(shard, shard.file_id)
+                if reused is not None:
+                    return await manifest.record_uploaded(shard.id, reused)
+            uploaded = await self._client.files.upload(
+                path, purpose="batch-api", check=False, on_file_id=remember
+            )
         logger.debug("shard %d uploaded as %s", shard.id, uploaded.id)
-        return await self._manifest.record_uploaded(shard.id, uploaded.id)
+        return await manifest.record_uploaded(shard.id, uploaded.id)
+
+    async def _finish_interrupted_upload(self, shard: ShardRecord, file_id: str) -> str | None:
+        """A crashed run got `file_id` for this shard and may not have sent its bytes: the
+        id to reuse when the server holds the file complete, else None once it is deleted."""
+        files = self._client.files
+        try:
+            held = await files.retrieve(file_id)
+        except NotFoundError:
+            held = None  # not visible: never completed (or gone); delete what may be left
+        status = (held.processing_status or "").upper() if held is not None else ""
+        if held is not None and held.bytes == shard.bytes and status not in _FAILED_FILE:
+            finished: FileObject | None = held
+            if not (held.processed or status == "COMPLETED"):
+                try:
+                    finished = await files._preprocess(file_id, None)
+                except APIStatusError as exc:
+                    logger.info("shard %d: file %s cannot be finished: %s", shard.id, file_id, exc)
+                    finished = None
+            if finished is not None and finished.bytes in (None, shard.bytes):
+                logger.info("shard %d: reusing file %s of a crashed run", shard.id, file_id)
+                return file_id
+        try:
+            await files.delete(file_id)
+            logger.info(
+                "shard %d: deleted the incomplete file %s of a crashed run", shard.id, file_id
+            )
+        except NotFoundError:
+            pass
+        return None
+
+    def _request(self, file_id: str) -> CreateRequest:
+        run = self._run
+        return create_request(
+            file_id,
+            run._endpoint,
+            completion_window=run._completion_window,
+            model_id=run._model,
+        )
 
     async def _create(self, shard: ShardRecord) -> ShardRecord:
         file_id = shard.file_id
         assert file_id is not None
         job = await self._existing_job(shard) if shard.step is ShardStep.CREATING else None
         if job is None:
+            request = self._request(file_id)
             shard = await self._manifest.record_create_intent(shard.id)
-            self._creating[shard.id] = file_id
-            job = await self._client.batches.create_batch(
-                file_id,
-                self._run._endpoint,
-                completion_window=self._run._completion_window,
-                model_id=self._run._model,
-                # A follow-up shard can share its parent's file id (identical bytes).
-                ignore_jobs=frozenset(self._known_batch_ids),
-            )
+            self._creating[shard.id] = shard
+            shard_id = shard.id
+            with claim_hook(lambda claimed: self._claimed.__setitem__(shard_id, claimed.id)):
+                job = await self._client.batches.create_batch(
+                    file_id,
+                    request.endpoint,
+                    completion_window=self._run._completion_window,
+                    model_id=request.model_id,
+                    # A follow-up shard can share its parent's file id (identical bytes).
+                    ignore_jobs=frozenset(self._known_batch_ids),
+                )
             self._stats.jobs += 1
             logger.info("shard %d: created batch %s", shard.id, job.id)
         else:
@@ -671,50 +777,46 @@ class _Pipeline:
         self._known_batch_ids.add(job.id)
         shard = await self._manifest.record_submitted(shard.id, job.id)
         self._creating.pop(shard.id, None)
+        self._claimed.pop(shard.id, None)
         return shard
 
     async def _existing_job(self, shard: ShardRecord) -> BatchJob | None:
-        """The job a crashed run may have created for a CREATING shard (one list call per run)."""
+        """The job a crashed run may have created for a CREATING shard (one list call per run,
+        unless this client has sent creates since)."""
         file_id = shard.file_id
         assert file_id is not None
-        async with self._listing_lock:
-            if self._listing is None:
-                listing: dict[str, list[BatchJob]] = {}
-                for job in await self._client.batches.list_batches():
-                    if job.input_file_id is not None:
-                        listing.setdefault(job.input_file_id, []).append(job)
-                self._listing = listing
+        claims = self._client._claims
         # Uploads are deduplicated by checksum, so the file id can carry other jobs: those of a
-        # follow-up's parent (identical bytes), owned by a known shard, and those of other runs
-        # over the same data, made before this shard's create intent or for another endpoint.
-        # None is a match. The skew allows for the server's clock being behind ours, as
-        # create_batch's reconcile does.
+        # follow-up's parent (identical bytes) and of other shards (known, or claimed by this
+        # client), and those of other runs over the same data, made before this shard's create
+        # intent or for other settings. The skew allows for the server's clock being behind
+        # ours, as create_batch's reconcile does.
+        async with claims.reconciling(file_id):
+            # Creates of this client in flight on the file have answered and claimed their
+            # jobs; one sent after the listing may have a job in it that is not claimed yet.
+            async with self._listing_lock:
+                if self._listing is None or self._listing_sends != claims.sends_started:
+                    sends = claims.sends_started
+                    listing: dict[str, list[BatchJob]] = {}
+                    for job in await self._client.batches.list_batches():
+                        if job.input_file_id is not None:
+                            listing.setdefault(job.input_file_id, []).append(job)
+                    self._listing, self._listing_sends = listing, sends
+                jobs = self._listing.get(file_id, [])
+            found = claims.adopt(
+                jobs,
+                self._request(file_id),
+                not_before=self._create_time(shard),
+                ignored=frozenset(self._known_batch_ids),
+            )
+        if found is not None:
+            self._claimed[shard.id] = found.id
+        return found
+
+    def _create_time(self, shard: ShardRecord) -> datetime:
+        """The earliest a job of this shard's create may say it was made (intent less skew)."""
         skew = timedelta(seconds=self._client.config.create_reconcile_skew)
-        not_before = datetime.fromtimestamp(shard.step_recorded_at, tz=timezone.utc) - skew
-        known = frozenset(self._known_batch_ids)
-        candidates = [
-            job
-            for job in self._listing.get(file_id, [])
-            if may_be_the_created_job(
-                job,
-                file_id=file_id,
-                endpoint=self._run._endpoint,
-                not_before=not_before,
-                ignored=known,
-            )
-        ]
-        if not candidates:
-            return None
-        oldest = datetime.min.replace(tzinfo=timezone.utc)
-        candidates = sorted(candidates, key=lambda job: job.created_at or oldest)
-        if len(candidates) > 1:
-            logger.warning(
-                "%d jobs run on file %s; following %s",
-                len(candidates),
-                file_id,
-                candidates[0].id,
-            )
-        return candidates[0]
+        return datetime.fromtimestamp(shard.step_recorded_at, tz=timezone.utc) - skew
 
     async def _await_job(self, shard: ShardRecord) -> ShardRecord:
         batch_id = shard.batch_id
@@ -904,32 +1006,76 @@ class _Pipeline:
     # --- leaving early ----------------------------------------------------------------
 
     async def _on_exit(self) -> None:
-        """Cancel the unfinished jobs (when asked to), shielded and bounded in time."""
+        """Cancel this run's unfinished jobs (when asked to), shielded and bounded in time.
+
+        Only jobs this run created or adopted: those it follows, and those a create_batch
+        still in flight had claimed. A create cut short before its answer may have made a job
+        too, but on a deduplicated file id that job cannot be told from another run's, so it
+        is named in a warning and left running, never cancelled.
+        """
         if not self._run._cancel_on_exit or not (self._live or self._creating):
             return
         with anyio.CancelScope(shield=True) as scope:
             scope.deadline = anyio.current_time() + CLEANUP_TIMEOUT
             to_cancel = dict(self._live)
-            if self._creating:
-                # A create_batch cut short may still have made its job: look for it.
-                try:
-                    jobs = await self._client.batches.list_batches(max_retries=1)
-                except Exception as exc:
-                    logger.warning("could not list jobs to cancel them: %s", exc)
-                    jobs = []
-                for shard_id, file_id in self._creating.items():
-                    for job in jobs:
-                        if job.input_file_id == file_id and not job.is_terminal:
-                            to_cancel[shard_id] = job.id
+            unclaimed: dict[int, ShardRecord] = {}
+            for shard_id, shard in self._creating.items():
+                if shard_id in self._claimed:
+                    to_cancel[shard_id] = self._claimed[shard_id]
+                elif shard_id not in to_cancel:
+                    unclaimed[shard_id] = shard
+            for shard_id in to_cancel:
+                # Kept claimed: a cancelled job is no one's to adopt, a resume's neither.
+                self._claimed.pop(shard_id, None)
             async with anyio.create_task_group() as group:
                 for batch_id in set(to_cancel.values()):
                     group.start_soon(self._cancel_job, batch_id)
+                if unclaimed:
+                    group.start_soon(self._warn_of_cut_short_creates, unclaimed)
             try:
                 await self._manifest.record_cancel_requested(list(to_cancel))
             except Exception as exc:
                 logger.warning("could not record the cancelled jobs: %s", exc)
         if scope.cancelled_caught:
             logger.warning("cancelling the jobs took more than %s s; gave up", CLEANUP_TIMEOUT)
+
+    def _release_unrecorded_claims(self) -> None:
+        """Jobs claimed for shards whose SUBMITTED step was never recorded belong to the
+        shard's CREATING intent, which a resume reconciles: released, so that a resume through
+        this same client can adopt them (a new process has no claims at all)."""
+        claims = self._client._claims
+        for batch_id in self._claimed.values():
+            claims.release(batch_id)
+        self._claimed.clear()
+
+    async def _warn_of_cut_short_creates(self, shards: dict[int, ShardRecord]) -> None:
+        try:
+            jobs = await self._client.batches.list_batches(max_retries=1)
+        except Exception as exc:
+            logger.warning("could not list jobs to look for cut-short creates: %s", exc)
+            return
+        claims = self._client._claims
+        ignored = frozenset(self._known_batch_ids)
+        for shard_id, shard in shards.items():
+            file_id = shard.file_id
+            assert file_id is not None
+            request = self._request(file_id)
+            since = self._create_time(shard)
+            maybe = [
+                job.id
+                for job in jobs
+                if not job.is_terminal
+                and not claims.is_claimed(job.id)
+                and may_have_made(job, request, not_before=since, ignored=ignored)
+            ]
+            if maybe:
+                logger.warning(
+                    "shard %d: its create_batch was cut short and may have made one of the "
+                    "jobs %s on file %s; left running, as it may be another run's job",
+                    shard_id,
+                    ", ".join(maybe),
+                    file_id,
+                )
 
     async def _cancel_job(self, batch_id: str) -> None:
         try:
@@ -940,17 +1086,37 @@ class _Pipeline:
 
 
 def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one real error inside a task group's exception group, or the group itself."""
-    cancelled = anyio.get_cancelled_exc_class()
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
+    """The one error to raise for a task group's exception group.
+
+    Shards fail independently, so two can fail at once: the caller still gets one of the
+    library's errors to catch, not a bare group. A KeyboardInterrupt or SystemExit wins (the
+    process is stopping); else the first error in the group, with the others logged and
+    noted on it. Only cancellations: the group itself.
+    """
+    cancelled: type[BaseException] = anyio.get_cancelled_exc_class()
+    leaves = [exc for exc in _leaves(group) if not isinstance(exc, cancelled)]
+    if not leaves:
+        whole: BaseException = group
+        return whole
+    stopping = [exc for exc in leaves if not isinstance(exc, Exception)]
+    first = stopping[0] if stopping else leaves[0]
+    others = [exc for exc in leaves if exc is not first]
+    add_note = getattr(first, "add_note", None)  # Python 3.11+
+    for other in others:
+        logger.warning("another shard failed at the same time: %s: %s", type(other).__name__, other)
+        if add_note is not None:
+            add_note(f"another shard failed at the same time: {type(other).__name__}: {other}")
+    return first
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        elif not isinstance(exc, cancelled):
-            leaves.append(exc)
-    return leaves[0] if len(leaves) == 1 else group
+            found.extend(_leaves(exc))
+        else:
+            found.append(exc)
+    return found
 
 
 def _check_requests(requests: Any) -> RequestsInput:
@@ -968,21 +1134,41 @@ def _check_requests(requests: Any) -> RequestsInput:
     )
 
 
-def _check_endpoint(endpoint: Any) -> str:
+def _check_endpoint(endpoint: Any) -> EndpointPath:
     return require_endpoint(endpoint)
 
 
-def _check_count(name: str, value: Any) -> int:
+def _check_count(name: str, value: Any, *, limit: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+    if limit is not None and value > limit:
+        # Refused, not clamped: a value past the API's limit is a mistake to hear about, and
+        # a clamped run would shard differently from what its caller asked (and recorded).
+        raise InvalidArgumentError(
+            f"{name} is {value:,}, above the Batch API's limit of {limit:,} per job"
+        )
     return value
+
+
+def _check_state_path(value: Any) -> Path | None:
+    if value is None:
+        return None
+    try:
+        text = os.fspath(value)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"state_path must be a path (str or os.PathLike) or None, got {type(value).__name__}"
+        ) from None
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidArgumentError(f"state_path must be a non-empty str path, got {value!r}")
+    return Path(text)
 
 
 async def gather_batches(
     client: AsyncTogether,
     requests: RequestsInput,
     *,
-    endpoint: str | BatchEndpoint = BatchEndpoint.CHAT_COMPLETIONS,
+    endpoint: Endpoint = BatchEndpoint.CHAT_COMPLETIONS,
     model: str | None = None,
     max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH,
     max_bytes_per_batch: int = MAX_BYTES_PER_BATCH,
@@ -1032,7 +1218,7 @@ def stream_batches(
     client: AsyncTogether,
     requests: RequestsInput,
     *,
-    endpoint: str | BatchEndpoint = BatchEndpoint.CHAT_COMPLETIONS,
+    endpoint: Endpoint = BatchEndpoint.CHAT_COMPLETIONS,
     model: str | None = None,
     max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH,
     max_bytes_per_batch: int = MAX_BYTES_PER_BATCH,

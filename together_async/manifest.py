@@ -218,13 +218,21 @@ _SHARD_COLUMNS = (
 )
 
 
-def _shard_from_row(row: tuple[Any, ...]) -> ShardRecord:
+def _shard_from_row(row: tuple[Any, ...], path: Path) -> ShardRecord:
     (
         shard_id, parent_id, attempt, input_name, input_sha256, lines, size, first_position,
         positions, step, file_id, batch_id, job_status, job_error, output_file_id,
         error_file_id, output_name, output_bytes, error_name, error_bytes, cancel_requested,
         retry_allowed, remote_files_deleted, updated_at,
     ) = row  # fmt: skip
+    try:
+        shard_step = ShardStep(step)
+    except ValueError:
+        raise ManifestMismatchError(
+            f"{path}: shard {shard_id} is at step {step!r}, which this version of "
+            "together_async does not know; finish the run with the version that wrote it, "
+            "or use another state_path"
+        ) from None
     return ShardRecord(
         id=shard_id,
         parent_id=parent_id,
@@ -235,7 +243,7 @@ def _shard_from_row(row: tuple[Any, ...]) -> ShardRecord:
         bytes=size,
         first_position=first_position,
         positions=positions,
-        step=ShardStep(step),
+        step=shard_step,
         step_recorded_at=updated_at,
         file_id=file_id,
         batch_id=batch_id,
@@ -324,6 +332,14 @@ class Manifest:
     async def shard(self, shard_id: int) -> ShardRecord:
         """One shard by id."""
         return await self._call(self._shard, shard_id)
+
+    async def record_upload_started(self, shard_id: int, file_id: str) -> ShardRecord:
+        """The API assigned `file_id` to the shard's input; its bytes are not sent yet.
+
+        The shard stays WRITTEN: a resumed run finds the id and finishes or deletes that
+        file instead of leaving it behind.
+        """
+        return await self._update(shard_id, ShardStep.WRITTEN, file_id=file_id)
 
     async def record_uploaded(self, shard_id: int, file_id: str) -> ShardRecord:
         """The shard's input file was uploaded as `file_id`."""
@@ -458,7 +474,7 @@ class Manifest:
 
     def _shards(self) -> list[ShardRecord]:
         rows = self._db().execute(f"SELECT {_SHARD_COLUMNS} FROM shards ORDER BY id").fetchall()
-        return [_shard_from_row(row) for row in rows]
+        return [_shard_from_row(row, self.path) for row in rows]
 
     def _shard(self, shard_id: int) -> ShardRecord:
         row = (
@@ -468,7 +484,7 @@ class Manifest:
         )
         if row is None:
             raise KeyError(f"no shard {shard_id} in {self.path}")
-        return _shard_from_row(row)
+        return _shard_from_row(row, self.path)
 
     async def _update(self, shard_id: int, step: ShardStep, **values: Any) -> ShardRecord:
         return await self._call(self._set_step, shard_id, step, values)
@@ -554,11 +570,20 @@ def _insert_shard(
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # isolation_level=None: transactions are opened explicitly (BEGIN IMMEDIATE), so each
-    # step is exactly one transaction. check_same_thread=False: calls come from worker
-    # threads, one at a time (the Manifest's limiter).
-    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=1.0)
+    if path.is_dir():
+        raise InvalidArgumentError(
+            f"state_path {path} is a directory; give a file path, e.g. {path / 'run.sqlite'}"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: transactions are opened explicitly (BEGIN IMMEDIATE), so each
+        # step is exactly one transaction. check_same_thread=False: calls come from worker
+        # threads, one at a time (the Manifest's limiter).
+        connection = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=1.0
+        )
+    except (OSError, sqlite3.Error) as exc:
+        raise InvalidArgumentError(f"cannot open the state file {path}: {exc}") from None
     try:
         connection.execute("PRAGMA locking_mode = EXCLUSIVE")
         connection.execute("PRAGMA journal_mode = WAL")
@@ -573,6 +598,11 @@ def _connect(path: Path) -> sqlite3.Connection:
             raise InvalidArgumentError(
                 f"{path} is in use by another run; wait for it to end or use another state_path"
             ) from None
+        if _cannot_write(exc):
+            raise InvalidArgumentError(
+                f"cannot write the state file {path} ({exc}); check its permissions and the "
+                "free space, or use another state_path"
+            ) from None
         raise ManifestMismatchError(
             f"{path} is not a together_async state file ({exc}); use another state_path"
         ) from None
@@ -580,6 +610,15 @@ def _connect(path: Path) -> sqlite3.Connection:
         connection.close()
         raise
     return connection
+
+
+def _cannot_write(exc: sqlite3.DatabaseError) -> bool:
+    # SQLite says these in words only; the codes came in Python 3.11 (sqlite_errorname).
+    text = str(exc).lower()
+    return any(
+        words in text
+        for words in ("readonly", "read-only", "unable to open", "disk i/o", "full", "permission")
+    )
 
 
 def _check_tables(connection: sqlite3.Connection, path: Path) -> None:

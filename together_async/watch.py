@@ -79,6 +79,19 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def check_progress(progress: object) -> None:
+    """Refuse a `progress` argument that is neither a bool nor a JobObserver, up front."""
+    if isinstance(progress, bool) or progress is None:
+        return
+    if not (
+        callable(getattr(progress, "update", None)) and callable(getattr(progress, "close", None))
+    ):
+        raise InvalidArgumentError(
+            "progress must be True, False or an observer with update(job) and close() "
+            f"methods, got {type(progress).__name__}"
+        )
+
+
 def _check_positive(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
@@ -213,6 +226,10 @@ class BatchWatcher:
     ) -> None:
         if isinstance(ids, str):
             raise InvalidArgumentError("ids must be a collection of batch ids, not one string")
+        if not isinstance(ids, Iterable):
+            raise InvalidArgumentError(
+                f"ids must be a collection of batch ids, got {type(ids).__name__}"
+            )
         if (
             isinstance(max_concurrent_gets, bool)
             or not isinstance(max_concurrent_gets, int)
@@ -241,6 +258,7 @@ class BatchWatcher:
         self._next_tick_at: float | None = None
         self._failures = 0
         self._ticks = 0
+        check_progress(progress)
         for batch_id in ids:
             self.add(batch_id)
         self._observer = self._make_observer(progress)
@@ -251,7 +269,8 @@ class BatchWatcher:
             from .progress import BatchesProgressBar
 
             return BatchesProgressBar()
-        if progress is False:
+        check_progress(progress)
+        if progress is False or progress is None:
             return None
         return progress
 

@@ -15,16 +15,26 @@ import os
 import re
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import attrs
 import orjson
-from aiohttp import web
-from aiohttp.multipart import BodyPartReader
+from aiohttp import hdrs, web
+from aiohttp.helpers import parse_mimetype
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import (
+    BadContentDispositionHeader,
+    BadContentDispositionParam,
+    BodyPartReader,
+    MultipartReader,
+    content_disposition_filename,
+    parse_content_disposition,
+)
 
 from .engines import SUPPORTED_ENDPOINTS
 from .faults import MUTATING_METHODS, FaultDecision, FaultInjector, FaultKind
@@ -65,6 +75,15 @@ CANCELLABLE = frozenset({"VALIDATING", "IN_PROGRESS"})
 USER_ID = "user-emulator"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _MAX_FORM_FIELD = 4096
+_MAX_FORM_FIELDS = 64
+# RFC 2046 section 5.1.1: a boundary is 1 to 70 characters.
+_MAX_BOUNDARY = 70
+# Bodies of every route but the multipart upload (JSON, forms) are at most this big.
+MAX_BODY_BYTES = 1024 * 1024
+# The multipart upload may carry this much beside the file itself (fields, part headers).
+_FORM_OVERHEAD = 1024 * 1024
+# A priority is stored as an SQLite INTEGER: signed 64 bits.
+_PRIORITY_RANGE = range(-(2**63), 2**63)
 _UPLOAD_ROUTE = "/upload/{token}"
 # How long a cancel call waits for the job to reach CANCELLED before answering.
 _CANCEL_WAIT = 5.0
@@ -154,8 +173,12 @@ def job_to_wire(job: JobRecord) -> dict[str, Any]:
         "endpoint": job.endpoint,
         "progress": job.progress,
     }
+    # Beyond the spec's BatchJob, the request's own settings are echoed (as the seed docs'
+    # jobs carry completion_window): what a client matches a lost create's job against.
     optional = {
         "model_id": job.model_id,
+        "completion_window": job.completion_window,
+        "priority": job.priority,
         "output_file_id": job.output_file_id,
         "error_file_id": job.error_file_id,
         "error": job.error,
@@ -189,6 +212,9 @@ def error_response(
     Batch routes answer `{"error": "<message>"}`; file routes answer the OpenAI-style
     `{"error": {"message", "type", "param", "code"}}` (the spec's ErrorData).
     """
+    # Messages may quote client input; lone surrogates from undecodable bytes would make
+    # the JSON encoder fail, and a failed error answer is a 500.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     if _is_batch_route(path):
         return _json({"error": message}, status, headers)
     return _json(
@@ -220,6 +246,13 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
         prefix = f"{exc.status}: "
         message = message[len(prefix) :] if message.startswith(prefix) else message
         return error_response(request.path, exc.status, message, headers=_retry_headers(exc))
+    except ConnectionResetError:
+        # The client went away mid-request (a body cut short). Not an emulator error: the
+        # answer most likely reaches nobody, and aiohttp would log a re-raise as a crash.
+        logger.debug("client disconnected during %s %s", request.method, request.path)
+        return error_response(
+            request.path, 400, "the connection closed before the request body ended"
+        )
     except Exception:
         logger.exception("error while handling %s %s", request.method, request.path)
         return error_response(
@@ -258,9 +291,31 @@ async def _gate_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def _authorized(request: web.Request, api_key: str) -> bool:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    # surrogateescape: header bytes that are not UTF-8 arrive as lone surrogates.
     return scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode(), api_key.encode()
+        token.strip().encode("utf-8", "surrogateescape"), api_key.encode()
     )
+
+
+@web.middleware
+async def _size_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A declared body over the route's limit is refused at once, before a byte is read."""
+    declared = request.content_length
+    if declared is not None:
+        context = request.app[_CONTEXT]
+        is_upload = _route_path(request) == "/files/upload"
+        limit = context.max_upload_bytes + _FORM_OVERHEAD if is_upload else MAX_BODY_BYTES
+        if declared > limit:
+            response = error_response(
+                request.path,
+                413,
+                f"the request body is larger than the limit of {limit:,} bytes",
+                code="file_too_large" if is_upload else "request_too_large",
+            )
+            # The rest of the body is not wanted: no keep-alive after it.
+            response.force_close()
+            return response
+    return await handler(request)
 
 
 async def _strike(
@@ -348,11 +403,157 @@ def _check_file_fields(fields: dict[str, str]) -> tuple[str, str, str] | str:
     return purpose, file_name, file_type
 
 
+# -- multipart/form-data, read strictly ----------------------------------------------------
+#
+# Anything malformed in a form body is the client's fault and answers 400 in the API's error
+# shape, never a 500 (which clients retry): aiohttp's multipart reader signals it with
+# ValueError (no or bad boundary, a body ending before the closing boundary), LookupError
+# (an unknown charset) and HttpProcessingError (part headers that do not parse).
+_MALFORMED_FORM = (ValueError, LookupError, HttpProcessingError)
+# aiohttp warns about a Content-Disposition it cannot parse (the reader looks at the first
+# part's name itself); where warnings are errors, that is a malformed part too.
+_BAD_DISPOSITION = (BadContentDispositionHeader, BadContentDispositionParam)
+# Content-Transfer-Encoding is deprecated for form-data (RFC 7578 section 4.7); these
+# identity values are harmless, any other would mean bytes we store are not the file.
+_IDENTITY_TRANSFER_ENCODINGS = frozenset({"", "binary", "7bit", "8bit"})
+_BAD_DISPOSITION_MESSAGE = "a form part's Content-Disposition is not a valid form-data header"
+
+
+@attrs.frozen
+class _FormPart:
+    """One part of a form: its field name, the filename if it has one, and its reader."""
+
+    name: str
+    filename: str | None
+    reader: BodyPartReader
+
+
+def _bad_form(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=message)
+
+
+def _malformed(exc: Exception) -> web.HTTPBadRequest:
+    detail = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+    detail = " ".join(str(detail).split())[:200]
+    return _bad_form(f"malformed multipart/form-data body: {detail}")
+
+
+def _open_form(request: web.Request) -> MultipartReader:
+    """The multipart reader of a form-data request; HTTPBadRequest if it cannot be one."""
+    if request.content_type != "multipart/form-data":
+        raise _bad_form("send multipart/form-data")
+    boundary = parse_mimetype(request.headers.get(hdrs.CONTENT_TYPE, "")).parameters.get("boundary")
+    if not boundary:
+        raise _bad_form("the multipart/form-data Content-Type has no boundary")
+    if len(boundary) > _MAX_BOUNDARY:
+        raise _bad_form(f"the multipart boundary is longer than {_MAX_BOUNDARY} characters")
+    try:
+        return MultipartReader(request.headers, request.content)
+    except _MALFORMED_FORM as exc:
+        raise _malformed(exc) from None
+
+
+async def _next_part(reader: MultipartReader) -> _FormPart | None:
+    """The next part, checked: a form-data disposition, a UTF-8 name, no transfer coding."""
+    try:
+        part = await reader.next()
+    except _BAD_DISPOSITION:
+        raise _bad_form(_BAD_DISPOSITION_MESSAGE) from None
+    except _MALFORMED_FORM as exc:
+        raise _malformed(exc) from None
+    if part is None:
+        return None
+    if not isinstance(part, BodyPartReader):
+        raise _bad_form("nested multipart is not supported")
+    name, filename = _disposition(part.headers.get(hdrs.CONTENT_DISPOSITION))
+    transfer = part.headers.get(hdrs.CONTENT_TRANSFER_ENCODING, "").strip().lower()
+    if transfer not in _IDENTITY_TRANSFER_ENCODINGS:
+        raise _bad_form(f"form part {name!r}: Content-Transfer-Encoding is not supported")
+    if part.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower() != "identity":
+        raise _bad_form(f"form part {name!r}: Content-Encoding is not supported")
+    return _FormPart(name=name, filename=filename, reader=part)
+
+
+def _disposition(header: str | None) -> tuple[str, str | None]:
+    """(name, filename) of a part's Content-Disposition; HTTPBadRequest unless it is sound."""
+    if not header:
+        raise _bad_form("a form part has no Content-Disposition header")
+    # aiohttp reports a header it cannot parse with a warning and parses it as absent; here it
+    # is an error. No await inside, so the global warning filters are not held across a
+    # suspension point.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        disposition, params = parse_content_disposition(header)
+    bad = [warning for warning in caught if issubclass(warning.category, _BAD_DISPOSITION)]
+    if bad or disposition != "form-data":
+        raise _bad_form(_BAD_DISPOSITION_MESSAGE)
+    name = params.get("name")
+    if not name:
+        raise _bad_form("a form part has no name")
+    filename = content_disposition_filename(params, "filename")
+    if not _is_utf8(name) or (filename is not None and not _is_utf8(filename)):
+        raise _bad_form("a form part's name or filename is not valid UTF-8")
+    return name, filename
+
+
+def _is_utf8(text: str) -> bool:
+    # Header bytes that are not UTF-8 arrive as lone surrogates (surrogateescape).
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+async def _read_chunk(part: BodyPartReader, size: int) -> bytes:
+    try:
+        return await part.read_chunk(size)
+    except _MALFORMED_FORM as exc:
+        raise _malformed(exc) from None
+
+
+async def _read_field(part: BodyPartReader) -> str | None:
+    """A field's value as text, or None when it is longer than _MAX_FORM_FIELD bytes."""
+    data = bytearray()
+    while chunk := await _read_chunk(part, _MAX_FORM_FIELD):
+        data += chunk
+        if len(data) > _MAX_FORM_FIELD:
+            return None
+    return data.decode("utf-8", "replace")
+
+
+async def _read_fields(request: web.Request) -> dict[str, str]:
+    """The text fields of a form (urlencoded or multipart); file parts are read and dropped."""
+    if request.content_type != "multipart/form-data":
+        try:
+            form = await request.post()
+        except _MALFORMED_FORM as exc:
+            raise _bad_form(f"malformed form body: {' '.join(str(exc).split())[:200]}") from None
+        return {key: value for key, value in form.items() if isinstance(value, str)}
+    reader = _open_form(request)
+    fields: dict[str, str] = {}
+    received = 0
+    while (part := await _next_part(reader)) is not None:
+        if part.filename is not None:
+            # This route registers a file; its bytes go to the upload URL, not here.
+            while chunk := await _read_chunk(part.reader, 256 * 1024):
+                received += len(chunk)
+                if received > MAX_BODY_BYTES:
+                    raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, received)
+            continue
+        value = await _read_field(part.reader)
+        if value is None:
+            raise _bad_form(f"form field {part.name} too long")
+        fields[part.name] = value
+        if len(fields) > _MAX_FORM_FIELDS:
+            raise _bad_form(f"more than {_MAX_FORM_FIELDS} form fields")
+    return fields
+
+
 async def create_upload(request: web.Request) -> web.StreamResponse:
     """POST /files: register a file and redirect the client to the storage URL (302)."""
     context = request.app[_CONTEXT]
-    form = await request.post()
-    fields = {key: value for key, value in form.items() if isinstance(value, str)}
+    fields = await _read_fields(request)
     checked = _check_file_fields(fields)
     if isinstance(checked, str):
         return error_response(request.path, 400, checked)
@@ -403,32 +604,31 @@ async def preprocess_file(request: web.Request) -> web.StreamResponse:
 async def upload_multipart(request: web.Request) -> web.StreamResponse:
     """POST /files/upload: one multipart request with the fields and the file (streamed)."""
     context = request.app[_CONTEXT]
-    if not request.content_type.startswith("multipart/"):
-        return error_response(request.path, 400, "send multipart/form-data")
-    reader = await request.multipart()
+    reader = _open_form(request)
     fields: dict[str, str] = {}
     sink: UploadSink | None = None
     try:
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                return error_response(request.path, 400, "nested multipart is not supported")
+        # A malformed body raises HTTPBadRequest out of here; `finally` drops the partial file.
+        while (part := await _next_part(reader)) is not None:
             if part.name == "file":
                 if sink is not None:
                     return error_response(request.path, 400, "more than one file part")
                 sink = UploadSink(context.storage.incoming_path())
                 await sink.open()
                 fields.setdefault("file_name", part.filename or "")
-                while chunk := await part.read_chunk(256 * 1024):
+                while chunk := await _read_chunk(part.reader, 256 * 1024):
                     await sink.write(chunk)
                     if sink.size > context.max_upload_bytes:
                         return _too_large(request, context.max_upload_bytes)
-            elif part.name:
-                value = await _read_field(part)
+            else:
+                value = await _read_field(part.reader)
                 if value is None:
                     return error_response(request.path, 400, f"form field {part.name} too long")
                 fields[part.name] = value
-            else:
-                await part.release()
+                if len(fields) > _MAX_FORM_FIELDS:
+                    return error_response(
+                        request.path, 400, f"more than {_MAX_FORM_FIELDS} form fields"
+                    )
         if sink is None:
             return error_response(request.path, 400, "the form has no file part")
         checked = _check_file_fields(fields)
@@ -451,15 +651,6 @@ async def upload_multipart(request: web.Request) -> web.StreamResponse:
     finally:
         if sink is not None:
             await sink.discard()
-
-
-async def _read_field(part: BodyPartReader) -> str | None:
-    data = bytearray()
-    while chunk := await part.read_chunk(_MAX_FORM_FIELD):
-        data += chunk
-        if len(data) > _MAX_FORM_FIELD:
-            return None
-    return data.decode("utf-8", "replace")
 
 
 def _move(source: Path, target: Path) -> None:
@@ -511,42 +702,78 @@ async def delete_file(request: web.Request) -> web.StreamResponse:
     return _json({"id": file_id, "deleted": True})
 
 
-_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+_RANGE = re.compile(r"bytes\s*=\s*(\d*)\s*-\s*(\d*)", re.IGNORECASE)
+# Positions beyond any file; longer digit strings are read as this (int() of thousands of
+# digits is refused by Python, and such a position is past the end either way).
+_FAR = 10**18
+UNSATISFIABLE: Literal["unsatisfiable"] = "unsatisfiable"
+
+
+def _position(digits: str) -> int:
+    return int(digits) if len(digits) < 18 else _FAR
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal["unsatisfiable"] | None:
+    """The byte range `(start, end)` (end exclusive) a Range header asks of `size` bytes.
+
+    None: no Range, or one to ignore. RFC 9110 section 14.2 lets a server ignore a Range, so
+    one that is not `bytes`, not a single range (several would need multipart/byteranges),
+    has no positions, or ends before it starts, gets the whole file with 200 (which a client
+    tells from a 206) rather than an error for what it could not have meant.
+    UNSATISFIABLE: a sound range that starts at or past the end, or an empty suffix: 416.
+    """
+    if header is None:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None:
+        return None
+    first, last = match.group(1), match.group(2)
+    if not first:
+        if not last:
+            return None
+        suffix = _position(last)
+        if suffix == 0:
+            return UNSATISFIABLE
+        # The suffix of an empty file has no bytes to cut: the (empty) whole is sent.
+        return (max(0, size - suffix), size) if size > 0 else None
+    start = _position(first)
+    if last and _position(last) < start:
+        return None
+    if start >= size:
+        return UNSATISFIABLE
+    end = min(size, _position(last) + 1) if last else size
+    return start, end
 
 
 async def file_content(request: web.Request) -> web.StreamResponse:
-    """GET /files/{id}/content: the raw bytes, streamed from disk; `Range: bytes=N-` works."""
+    """GET /files/{id}/content: the raw bytes, streamed from disk; one Range (`bytes=N-`,
+    `bytes=N-M`, `bytes=-N`) answers 206, see `parse_range` for the others."""
     record = await _visible_file(request)
     if record is None:
         return _file_not_found(request)
     size = record.bytes
     start, end = 0, size  # end is exclusive
     status = 200
-    range_header = request.headers.get("Range")
-    if range_header is not None:
-        match = _RANGE.fullmatch(range_header.strip())
-        # A Range we do not understand is ignored (RFC 9110): the whole file is sent.
-        if match is not None:
-            start = int(match.group(1))
-            if match.group(2):
-                end = min(size, int(match.group(2)) + 1)
-            if start >= size or start >= end:
-                return web.Response(
-                    status=416,
-                    headers={"Content-Range": f"bytes */{size}"},
-                    content_type="application/json",
-                    body=orjson.dumps(
-                        {
-                            "error": {
-                                "message": f"range not satisfiable: the file has {size} bytes",
-                                "type": "invalid_request_error",
-                                "param": "Range",
-                                "code": None,
-                            }
-                        }
-                    ),
-                )
-            status = 206
+    wanted = parse_range(request.headers.get("Range"), size)
+    if wanted == UNSATISFIABLE:
+        return web.Response(
+            status=416,
+            headers={"Content-Range": f"bytes */{size}"},
+            content_type="application/json",
+            body=orjson.dumps(
+                {
+                    "error": {
+                        "message": f"range not satisfiable: the file has {size} bytes",
+                        "type": "invalid_request_error",
+                        "param": "Range",
+                        "code": None,
+                    }
+                }
+            ),
+        )
+    if isinstance(wanted, tuple):
+        start, end = wanted
+        status = 206
     path = request.app[_CONTEXT].storage.body_path(record.id)
     try:
         handle: BinaryIO = await in_thread(path.open, "rb", on_abandon=_close_file)
@@ -629,8 +856,12 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
         parse_completion_window(window)
     except ValueError as exc:
         return _batch_error(400, str(exc))
-    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
-        return _batch_error(400, "priority must be an integer")
+    if priority is not None and (
+        not isinstance(priority, int)
+        or isinstance(priority, bool)
+        or priority not in _PRIORITY_RANGE
+    ):
+        return _batch_error(400, "priority must be an integer (signed 64-bit)")
     if model_id is not None and not isinstance(model_id, str):
         return _batch_error(400, "model_id must be a string")
     record = await context.storage.get_file(input_file_id) if is_file_id(input_file_id) else None
@@ -755,7 +986,10 @@ async def storage_put(request: web.Request) -> web.StreamResponse:
 
 def build_api_app(context: AppContext) -> web.Application:
     """The API app: files and batches under /v1."""
-    app = web.Application(middlewares=[_errors_middleware, _gate_middleware])
+    app = web.Application(
+        middlewares=[_errors_middleware, _gate_middleware, _size_middleware],
+        client_max_size=MAX_BODY_BYTES,
+    )
     app[_CONTEXT] = context
     app.on_response_prepare.append(_add_request_id)
     app.add_routes(

@@ -35,6 +35,9 @@ _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _INSTANT_SLICE = 256
 
 
+MAX_COMPLETION_WINDOW = 366 * 86400.0
+
+
 def parse_completion_window(window: str) -> float:
     """Seconds in a completion window such as "24h", "90m" or "2d"; ValueError otherwise."""
     text = window.strip().lower()
@@ -45,7 +48,12 @@ def parse_completion_window(window: str) -> float:
         amount = float("nan")
     if unit is None or not amount > 0:
         raise ValueError(f'completion_window must look like "24h", got {window!r}')
-    return amount * unit
+    seconds = amount * unit
+    # Bounded so that every deadline is a real date (an "infh" or "1e10h" window would make
+    # a job that no answer can show), and a year is far beyond any batch.
+    if not seconds <= MAX_COMPLETION_WINDOW:
+        raise ValueError(f"completion_window may be at most 366 days, got {window!r}")
+    return seconds
 
 
 @attrs.frozen(kw_only=True)

@@ -40,6 +40,8 @@ logger = logging.getLogger("together_async.emulator")
 #: What `emu.api_key` gives when no key is configured (any key is accepted then).
 ANY_KEY = "emulator-accepts-any-key"
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+# Longest header field the API port parses; longer ones get aiohttp's plain-text 400.
+MAX_HEADER_FIELD = 256 * 1024
 API_KEY_ENV = "TOGETHER_EMULATOR_API_KEY"
 
 
@@ -238,7 +240,12 @@ class Emulator:
         await web.TCPSite(self._storage_runner, self._host, self._storage_port).start()
         context.storage_port = self.storage_port
         self._api_runner = web.AppRunner(
-            build_api_app(context), access_log=access_log, shutdown_timeout=self._shutdown_timeout
+            build_api_app(context),
+            access_log=access_log,
+            shutdown_timeout=self._shutdown_timeout,
+            # Room for a long header (a 100 kB multipart boundary) to reach the routes, which
+            # refuse it in the API's error shape; aiohttp's own refusal is plain text.
+            max_field_size=MAX_HEADER_FIELD,
         )
         await self._api_runner.setup()
         await web.TCPSite(self._api_runner, self._host, self._port).start()

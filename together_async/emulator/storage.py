@@ -402,13 +402,15 @@ class Storage:
 
         return await self._db(update)
 
-    async def list_files(self) -> list[FileRecord]:
-        """Every file with a body, oldest first."""
+    async def list_files(self, *, include_pending: bool = False) -> list[FileRecord]:
+        """Every file with a body (and with `include_pending`, those still awaiting their
+        PUT, which the API does not show), oldest first."""
+        where = "deleted = 0" if include_pending else "deleted = 0 AND state != 'pending'"
 
         def query() -> list[FileRecord]:
             rows = self._connection.execute(
                 f"SELECT {', '.join(_FILE_COLUMNS)} FROM files"
-                " WHERE deleted = 0 AND state != 'pending' ORDER BY created_at, rowid"
+                f" WHERE {where} ORDER BY created_at, rowid"
             ).fetchall()
             return [_file_from_row(row) for row in rows]
 
