@@ -8,6 +8,7 @@
     ├── UnsafeURLError                 a presigned upload URL we refuse to send data to
     ├── ManifestMismatchError          a state file that belongs to another dataset
     ├── WaitTimeoutError (TimeoutError)    batches.wait() ran past its timeout
+    ├── BatchNotFinishedError          results asked of a job that has not completed
     └── APIError                       anything that came from talking to the API
         ├── APIStatusError             the server answered with an error status
         │   ├── BadRequestError            400
@@ -41,6 +42,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "BatchFileError",
+    "BatchNotFinishedError",
     "ClientClosedError",
     "ConflictError",
     "InternalServerError",
@@ -129,6 +131,23 @@ class WaitTimeoutError(TogetherError, TimeoutError):
         super().__init__(message)
         self.batch_id = batch_id
         self.last_job = last_job
+
+
+class BatchNotFinishedError(TogetherError):
+    """`batches.results()` of a job that has not COMPLETED: one still running has no result
+    files yet, and one that ended otherwise has at most part of them (pass `partial=True`).
+
+    Attributes:
+        batch_id: the job.
+        status: its status when asked (a BatchJobStatus, or None if the server gave none).
+        job: the job as it was read.
+    """
+
+    def __init__(self, message: str, *, batch_id: str, status: Any = None, job: Any = None) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+        self.status = status
+        self.job = job
 
 
 class BatchFileError(TogetherError, ValueError):

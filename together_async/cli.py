@@ -703,7 +703,7 @@ async def _cmd_batches_results(args: argparse.Namespace) -> int:
                 f"batch {job.id} is {job.status}: its results come once it ends "
                 f"(wait with: {PROG} batches watch {job.id})"
             )
-        results = client.batches.results(job)
+        results = client.batches.results(job, partial=True)
         try:
             counts = await write_result_rows(results, args.output)
         finally:
