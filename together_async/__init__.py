@@ -5,6 +5,8 @@ Everything a user needs is importable from here; the modules behind it are priva
 
 from __future__ import annotations
 
+import logging as _logging
+
 from ._client import AsyncTogether
 from ._config import ClientConfig
 from ._errors import (
@@ -59,6 +61,10 @@ from .progress import BatchesProgressBar, BatchProgressBar
 from .watch import BatchWatcher
 
 __version__ = "0.1.0"
+
+# A library leaves logging to the application: without this, Python's last-resort handler
+# would print the library's warnings to the stderr of a program that configured none.
+_logging.getLogger("together_async").addHandler(_logging.NullHandler())
 
 __all__ = [
     "APIConnectionError",

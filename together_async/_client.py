@@ -35,6 +35,7 @@ from ._protocol import (
     user_agent,
 )
 from ._reconcile import ClaimRegistry
+from ._retry_log import in_client_retry, install_stamina_filter
 from ._transport import (
     CALL_DEADLINE,
     CallDeadline,
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncTogether"]
 
 logger = logging.getLogger("together_async.client")
+install_stamina_filter()
 
 T = TypeVar("T")
 
@@ -411,38 +413,50 @@ class AsyncTogether:
         def backoff(exc: Exception) -> bool | float:
             nonlocal retries
             wait = retry_backoff(exc, retry_after_max=config.retry_after_max)
-            if call is None or wait is False:
-                return wait
+            if wait is False:
+                return False
             retries += 1
             if wait is True:
-                # stamina's own formula, drawn here to know the wait before it starts
-                # (stamina's test mode still waits 0 for a wait given this way).
+                # stamina's own formula, drawn here to know (and tell) the wait before it
+                # starts; stamina's test mode still waits 0 for a wait given this way.
                 wait = min(
                     config.retry_wait_max,
                     config.retry_wait_initial * 2 ** min(retries - 1, 64)
                     + random.uniform(0, config.retry_wait_jitter),
                 )
-            if asyncio.get_running_loop().time() + wait >= call.end:
+            if call is not None and asyncio.get_running_loop().time() + wait >= call.end:
                 return False  # the retry could not start before the deadline: fail now
+            if retries < attempts:
+                logger.info(
+                    "retry %d of %d in %.1f s after: %s",
+                    retries,
+                    attempts - 1,
+                    wait,
+                    exc,
+                    extra={"together_retry": (retries, attempts - 1, wait)},
+                )
             return wait
 
-        # Not retryable: stamina would re-raise it at once without running any hook.
-        if backoff(first_failure) is False:
+        # Not retryable: stamina would re-raise it at once without running any hook. (Asked
+        # of the policy directly: stamina calls `backoff` for this failure again when it is
+        # replayed, and that call is the one that counts, waits and logs.)
+        if retry_backoff(first_failure, retry_after_max=config.retry_after_max) is False:
             raise first_failure
         replayed = False
-        async for attempt in stamina.retry_context(
-            on=backoff,
-            attempts=attempts,
-            timeout=None,
-            wait_initial=config.retry_wait_initial,
-            wait_max=config.retry_wait_max,
-            wait_jitter=config.retry_wait_jitter,
-        ):
-            with attempt:
-                if not replayed:
-                    replayed = True
-                    raise first_failure
-                return await operation()
+        with in_client_retry():
+            async for attempt in stamina.retry_context(
+                on=backoff,
+                attempts=attempts,
+                timeout=None,
+                wait_initial=config.retry_wait_initial,
+                wait_max=config.retry_wait_max,
+                wait_jitter=config.retry_wait_jitter,
+            ):
+                with attempt:
+                    if not replayed:
+                        replayed = True
+                        raise first_failure
+                    return await operation()
         raise AssertionError("unreachable: stamina re-raises the last failure")
 
     async def _send_once(
