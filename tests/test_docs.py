@@ -303,7 +303,7 @@ def test_python_block_runs(
 
 @pytest.mark.parametrize("block", _params("bash"))
 def test_bash_block_runs(block: Block, served: ServedEmulator, workspace: Path) -> None:
-    """The bash block exits 0 against the emulator, leaving no process behind."""
+    """The bash block exits 0 against the emulator, warning of nothing, leaving no process."""
     script = SETUP_PREFIX.sub("", block.code)
     process = subprocess.Popen(
         ["bash", "-eo", "pipefail", "-c", script],
@@ -328,3 +328,4 @@ def test_bash_block_runs(block: Block, served: ServedEmulator, workspace: Path) 
         leftover = False
     assert process.returncode == 0, f"exit {process.returncode}\n{stdout}\n{stderr}"
     assert not leftover, f"{block.id} left a process running"
+    assert not re.search(r"Traceback|Warning|Unclosed", stderr), stderr
