@@ -23,7 +23,7 @@ from http_fakes import SECRET_KEY, FakeFiles
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from together_async import AsyncTogether, BatchJob, BatchRun, ClientConfig
+from together_async import AsyncTogether, BatchJob, BatchJobStatus, BatchRun, ClientConfig
 from together_async._convert import result_from_row
 from together_async.emulator import Emulator
 from together_async.emulator.faults import Fault, FaultKind
@@ -450,7 +450,12 @@ async def test_results_decode_the_same_across_any_cut(
     error_id = fake_files.add_file(encoded(errors, newline, final_newline))
     fake_files.ignore_range = False
     fake_files.drop_after = list(cuts)
-    job = BatchJob(id="b-1", output_file_id=output_id, error_file_id=error_id)
+    job = BatchJob(
+        id="b-1",
+        status=BatchJobStatus.COMPLETED,
+        output_file_id=output_id,
+        error_file_id=error_id,
+    )
     async with fake_client(fake_files) as client:
         results = [result async for result in client.batches.results(job)]
     assert results == [result_from_row(row, batch_id="b-1") for row in output + errors]
