@@ -4,6 +4,7 @@ entries without a time last, the same order in the table and in `--json`."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any
@@ -45,7 +46,7 @@ class FakeClient:
             ]
         )
 
-    async def list_batches(self) -> list[BatchJob]:
+    async def list_batches(self) -> Sequence[BatchJob]:
         return [
             BatchJob(id=f"batch-{name}", status=BatchJobStatus.COMPLETED, created_at=when)
             for name, when in CREATED.items()

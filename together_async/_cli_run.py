@@ -167,6 +167,7 @@ async def run_batch_file(
         resumed=final.resumed,
         emulator=args.emulator,
         state=args.state,
+        most_common_error=counts.most_common_error,
     )
 
 

@@ -902,7 +902,11 @@ async def _cmd_batches_results(args: argparse.Namespace) -> int:
             aclose = getattr(results, "aclose", None)
             if aclose is not None:
                 await aclose()
-    await _write_stderr(f"{counts.total:,} rows: {counts.ok:,} ok, {counts.failed:,} failed\n")
+    common = counts.most_common_error
+    most = "" if common is None else f"; most common error: {common.describe()}"
+    await _write_stderr(
+        f"{counts.total:,} rows: {counts.ok:,} ok, {counts.failed:,} failed{most}\n"
+    )
     if job.status != BatchJobStatus.COMPLETED:
         reason = f": {job.error}" if job.error else ""
         await _write_stderr(f"{PROG}: batch {job.id} ended {job.status}{reason}\n")
