@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
@@ -129,11 +130,16 @@ class RawServer:
     """Serves `script` on 127.0.0.1 (a fresh port) until the `async with` block ends.
 
     `read_bodies=False` hands the script the request with its body unread (a peer that stops
-    reading an upload reads nothing from `conn.reader`)."""
+    reading an upload reads nothing from `conn.reader`). `receive_buffer` sets SO_RCVBUF on
+    the listening socket (inherited by each connection): a small one makes a slow reader
+    hold the sender back at once, instead of after megabytes of loopback buffering."""
 
-    def __init__(self, script: Script, *, read_bodies: bool = True) -> None:
+    def __init__(
+        self, script: Script, *, read_bodies: bool = True, receive_buffer: int | None = None
+    ) -> None:
         self._script = script
         self._read_bodies = read_bodies
+        self._receive_buffer = receive_buffer
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self.requests: list[RawRequest] = []
@@ -146,7 +152,14 @@ class RawServer:
         return f"http://127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        if self._receive_buffer is None:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        else:
+            # Set before listen(): the window scale is agreed at the handshake.
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
+            listener.bind(("127.0.0.1", 0))
+            self._server = await asyncio.start_server(self._serve, sock=listener)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

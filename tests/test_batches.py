@@ -458,7 +458,7 @@ async def test_leaving_results_early_releases_the_connection(
     app = web.Application()
     app.router.add_get("/v1/files/{id}/content", endless)
     client = make_client(await serve(app))
-    job = BatchJob(id="b", output_file_id="out-big")
+    job = BatchJob(id="b", status=BatchJobStatus.COMPLETED, output_file_id="out-big")
     async for _result in client.batches.results(job):
         break
     await asyncio.wait_for(disconnected.wait(), timeout=10)

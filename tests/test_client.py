@@ -433,10 +433,15 @@ async def test_headers_a_request_changes_never_reach_the_next_one(
     """Extra headers, or changes to the headers one request got, never reach the next one."""
     client = make_client(await serve(batches_app(Recorder())))
     url = client._url("batches")
-    first = client._headers_for(url, {"X-Extra": "1"})
+    first, credential = client._headers_for(url, {"X-Extra": "1"})
+    assert credential is not None
     first["Authorization"] = "changed"
-    again = client._headers_for(url)
-    assert again == {"User-Agent": again["User-Agent"], "Authorization": f"Bearer {SECRET_KEY}"}
+    again, credential = client._headers_for(url)
+    assert credential is not None
+    assert credential.headers(again) == {
+        "User-Agent": again["User-Agent"],
+        "Authorization": f"Bearer {SECRET_KEY}",
+    }
 
 
 async def test_debug_log_names_each_request_and_its_answer(

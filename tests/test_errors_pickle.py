@@ -80,6 +80,9 @@ SAMPLE_ARGUMENTS: dict[str, Any] = {
     ],
     "problem_count": 5,
     "source": "requests.jsonl",
+    "limit": 8 * 1024 * 1024,
+    "status": BatchJobStatus.IN_PROGRESS,
+    "job": LAST_JOB,
 }
 
 STATUS_BY_CLASS = {

@@ -5,6 +5,8 @@ Everything a user needs is importable from here; the modules behind it are priva
 
 from __future__ import annotations
 
+import logging as _logging
+
 from ._client import AsyncTogether
 from ._config import ClientConfig
 from ._errors import (
@@ -16,6 +18,7 @@ from ._errors import (
     AuthenticationError,
     BadRequestError,
     BatchFileError,
+    BatchNotFinishedError,
     ClientClosedError,
     ConflictError,
     InternalServerError,
@@ -25,6 +28,7 @@ from ._errors import (
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
+    ResponseTooLargeError,
     StatusPollError,
     TogetherError,
     UnprocessableEntityError,
@@ -58,6 +62,10 @@ from .watch import BatchWatcher
 
 __version__ = "0.1.0"
 
+# A library leaves logging to the application: without this, Python's last-resort handler
+# would print the library's warnings to the stderr of a program that configured none.
+_logging.getLogger("together_async").addHandler(_logging.NullHandler())
+
 __all__ = [
     "APIConnectionError",
     "APIError",
@@ -74,6 +82,7 @@ __all__ = [
     "BatchFileValidator",
     "BatchJob",
     "BatchJobStatus",
+    "BatchNotFinishedError",
     "BatchProgressBar",
     "BatchRequest",
     "BatchResult",
@@ -98,6 +107,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "ResponseTooLargeError",
     "StatusPollError",
     "TogetherError",
     "UnprocessableEntityError",

@@ -10,7 +10,8 @@ import asyncio
 import enum
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+import random
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 import stamina
 
-from ._config import API_KEY_ENV, ClientConfig
+from ._config import API_KEY_ENV, DEFAULT_MAX_RESPONSE_BYTES, ClientConfig
 from ._errors import (
     ClientClosedError,
     InvalidArgumentError,
@@ -28,14 +29,24 @@ from ._errors import (
 from ._protocol import (
     APIOrigin,
     api_url,
-    auth_headers,
     decode_json,
     error_from_response,
     retry_backoff,
     user_agent,
 )
 from ._reconcile import ClaimRegistry
-from ._transport import Content, FormField, Response, StreamingResponse, Transport, open_session
+from ._retry_log import in_client_retry, install_stamina_filter
+from ._transport import (
+    CALL_DEADLINE,
+    CallDeadline,
+    Content,
+    Credential,
+    FormField,
+    Response,
+    StreamingResponse,
+    Transport,
+    open_session,
+)
 from .batches import Batches
 from .files import Files
 
@@ -45,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncTogether"]
 
 logger = logging.getLogger("together_async.client")
+install_stamina_filter()
 
 T = TypeVar("T")
 
@@ -55,12 +67,23 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-class _APIHeaders(dict[str, str]):
-    """The headers of every API request, key included: kept on the client, so hidden from
-    repr (vars(client), a debugger's view). Its copy() is a plain dict."""
+async def _session_keeper(
+    session: aiohttp.ClientSession, closed: Callable[[aiohttp.ClientSession], None]
+) -> AsyncGenerator[None, None]:
+    """Closes `session` when it is closed itself: by `aclose()`, or by the event loop that
+    opened the session as that loop ends (`asyncio.run` and other runners shut down the
+    loop's async generators before closing it), or when the client is collected.
 
-    def __repr__(self) -> str:
-        return "<API headers: User-Agent, Authorization (hidden)>"
+    A session's connections belong to its loop: once that loop is closed they can no longer
+    be closed cleanly, and an unclosed session warns (ResourceWarning) when collected."""
+    try:
+        yield
+    finally:
+        try:
+            if not session.closed:
+                await session.close()
+        finally:
+            closed(session)
 
 
 class AsyncTogether:
@@ -79,10 +102,28 @@ class AsyncTogether:
         api_key: defaults to `TOGETHER_API_KEY`; checked at the first call that needs it.
         base_url: defaults to `TOGETHER_BASE_URL`, else `https://api.together.ai/v1`; a URL
             with no path means `<host>/v1`.
-        timeout: seconds to wait to connect and between reads of a response.
+        timeout: an inactivity limit in seconds: to connect, for the peer to take each piece
+            of an upload, and between two reads of an answer. A transfer that keeps moving
+            never times out, however long it takes (a 100 MB upload over a slow link).
+        deadline: seconds one request may take in all, its retries and their waits included
+            (a download: with its resumes, until its last byte is read); a request still
+            running at the deadline raises APITimeoutError, and a retry that could not start
+            before it is not waited for (the last failure is raised at once). None (the
+            default) sets no limit: give one so that a server trickling an answer cannot hold
+            a call for ever.
+        max_response_bytes: the most bytes of an answer read into memory (default 8 MiB,
+            counted after decompression); a longer one raises ResponseTooLargeError. File
+            downloads stream and are not capped.
         max_retries: retries after a retryable failure (408, 409, 429, 5xx, connection
             errors, timeouts); every resource method can override it per call.
         session: an aiohttp ClientSession to use instead of our own; it is never closed here.
+
+    Event loops: the client's own session belongs to the loop that opened it. When that loop
+    ends (`asyncio.run` returns) the session is closed with it, and a later call in another
+    loop opens a new one, so one client serves several `asyncio.run` calls in a row. Using it
+    from a second loop while the first is still open raises TogetherError. `aclose()` from
+    another loop closes the session in its own loop if that loop is running (in another
+    thread), and otherwise raises TogetherError asking to close it in that loop.
     """
 
     files: Files
@@ -94,11 +135,18 @@ class AsyncTogether:
         *,
         base_url: str | None = None,
         timeout: float = 60.0,
+        deadline: float | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_retries: int = 5,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         config = ClientConfig.from_arguments(
-            api_key, base_url=base_url, timeout=timeout, max_retries=max_retries
+            api_key,
+            base_url=base_url,
+            timeout=timeout,
+            deadline=deadline,
+            max_response_bytes=max_response_bytes,
+            max_retries=max_retries,
         )
         self._setup(config, session)
 
@@ -118,10 +166,12 @@ class AsyncTogether:
     def _setup(self, config: ClientConfig, session: aiohttp.ClientSession | None) -> None:
         self._config = config
         self._api_origin = APIOrigin(config.base_url)
-        # Built on first use (the key is checked then): copied for every request to the API.
-        self._api_headers: _APIHeaders | None = None
+        # Built on first use (the key is checked then); the key only enters a request's
+        # headers inside the transport.
+        self._credential: Credential | None = None
         self._caller_session = session
         self._own_session: aiohttp.ClientSession | None = None
+        self._keeper: AsyncGenerator[None, None] | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._transport_instance: Transport | None = None
         self._state = _State.UNOPENED
@@ -165,14 +215,42 @@ class AsyncTogether:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the session we opened (never a caller's). Safe to call more than once."""
+        """Close the session we opened (never a caller's). Safe to call more than once.
+
+        From another event loop than the one that opened the session: that loop closes it if
+        it is running (in another thread); if it is not running, this raises TogetherError
+        and leaves the client open, to be closed in that loop."""
         if self._state is _State.CLOSED:
             return
+        keeper, session, loop = self._keeper, self._own_session, self._session_loop
+        running = asyncio.get_running_loop()
+        if keeper is not None and session is not None and not session.closed:
+            if loop is not None and loop is not running:
+                if loop.is_closed():
+                    self._mark_closed()
+                    raise TogetherError(
+                        "this AsyncTogether's event loop was closed without shutting down its "
+                        "async generators, so its connections could not be closed; run it "
+                        "with asyncio.run(), or close the client in its loop"
+                    )
+                if not loop.is_running():
+                    raise TogetherError(
+                        "this AsyncTogether was opened in another event loop, which is not "
+                        "running: close it in that loop (its connections belong to it)"
+                    )
+                # Closed by its own loop (in another thread), which owns its connections.
+                self._mark_closed()
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(keeper.aclose(), loop))
+                return
+        self._mark_closed()
+        if keeper is not None:
+            await keeper.aclose()
+
+    def _mark_closed(self) -> None:
         self._state = _State.CLOSED
         self._transport_instance = None
-        session, self._own_session = self._own_session, None
-        if session is not None and not session.closed:
-            await session.close()
+        self._own_session = None
+        self._keeper = None
 
     def __repr__(self) -> str:
         return f"<AsyncTogether base_url={self._config.base_url!r} state={self._state.value}>"
@@ -184,41 +262,82 @@ class AsyncTogether:
     def _ensure_transport(self) -> Transport:
         if self._state is _State.CLOSED:
             raise ClientClosedError("this AsyncTogether is closed; create a new client")
-        loop = asyncio.get_running_loop()
-        if self._transport_instance is not None:
-            if self._session_loop is not loop and self._caller_session is None:
+        transport = self._transport_instance
+        if transport is not None:
+            if self._caller_session is not None:
+                return transport
+            loop = asyncio.get_running_loop()
+            if self._session_loop is loop:
+                return transport
+            if self._session_loop is not None and self._session_loop.is_closed():
                 raise TogetherError(
-                    "this AsyncTogether was opened in another event loop; "
-                    "create one client per event loop"
+                    "this AsyncTogether's session belongs to an event loop that was closed "
+                    "without shutting down its async generators; run each loop with "
+                    "asyncio.run(), or use one client per event loop"
                 )
-            return self._transport_instance
+            raise TogetherError(
+                "this AsyncTogether's session belongs to another event loop, which is still "
+                "open: use one client per event loop, or close it in its loop first"
+            )
+        loop = asyncio.get_running_loop()
         session = self._caller_session
         if session is None:
             session = self._own_session = open_session()
+            self._keeper = self._keep(session)
         self._session_loop = loop
-        self._transport_instance = Transport(session, timeout=self._config.timeout)
+        config = self._config
+        self._transport_instance = Transport(
+            session,
+            timeout=config.timeout,
+            deadline=config.deadline,
+            max_response_bytes=config.max_response_bytes,
+        )
         self._state = _State.OPEN
         return self._transport_instance
 
-    def _headers_for(self, url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        """User-Agent always; the key only for the API's own host."""
-        if url in self._api_origin:
-            api_headers = self._api_headers
-            if api_headers is None:
-                key = self._config.api_key
-                if key is None:
-                    raise MissingAPIKeyError(
-                        f"no API key: pass AsyncTogether(api_key=...) or set {API_KEY_ENV}"
-                    )
-                api_headers = self._api_headers = _APIHeaders(
-                    {"User-Agent": user_agent(), **auth_headers(key)}
-                )
-            headers = api_headers.copy()
-        else:
-            headers = {"User-Agent": user_agent()}
+    def _keep(self, session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
+        """Start `_session_keeper` for `session` in the running loop."""
+
+        def closed(closed_session: aiohttp.ClientSession) -> None:
+            # The loop that opened it has ended: a later call, in another loop, opens anew.
+            if self._own_session is closed_session and self._state is _State.OPEN:
+                self._own_session = None
+                self._keeper = None
+                self._transport_instance = None
+                self._session_loop = None
+                self._state = _State.UNOPENED
+
+        keeper = _session_keeper(session, closed)
+        # Its first step (up to the `yield`, which awaits nothing) registers the generator
+        # with the running loop's async-generator hooks, so that the loop closes it as it
+        # shuts down; taken here without awaiting, as this method is synchronous.
+        step = keeper.__anext__()
+        try:
+            step.send(None)
+        except StopIteration:
+            pass
+        else:  # pragma: no cover - the keeper awaits nothing before its yield
+            raise AssertionError("the session keeper awaited before its first yield")
+        return keeper
+
+    def _headers_for(
+        self, url: str, extra: Mapping[str, str] | None = None
+    ) -> tuple[dict[str, str], Credential | None]:
+        """The headers (User-Agent always) and the credential: only for the API's own host."""
+        headers = {"User-Agent": user_agent()}
         if extra:
             headers.update(extra)
-        return headers
+        if url not in self._api_origin:
+            return headers, None
+        credential = self._credential
+        if credential is None:
+            key = self._config.api_key
+            if key is None:
+                raise MissingAPIKeyError(
+                    f"no API key: pass AsyncTogether(api_key=...) or set {API_KEY_ENV}"
+                )
+            credential = self._credential = Credential(key)
+        return headers, credential
 
     def _url(self, *segments: str) -> str:
         return api_url(self._config.base_url, *segments)
@@ -235,11 +354,52 @@ class AsyncTogether:
         hooks behave exactly as if stamina had run the first attempt itself.
         """
         attempts = self._config.attempts_for(max_retries)  # checks it before any request
+        if self._config.deadline is not None:
+            return await self._within_deadline(self._run_retried, operation, attempts)
+        return await self._run_retried(operation, attempts)
+
+    async def _run_retried(self, operation: Callable[[], Awaitable[T]], attempts: int) -> T:
         try:
             return await operation()
         except Exception as exc:
             first_failure = exc
         return await self._retry_failed(operation, first_failure, attempts)
+
+    def _call_deadline(self) -> CallDeadline | None:
+        """A deadline starting now, for a call made of several requests (a download and its
+        resumes) to share; None when the client has none. Call it in the running loop."""
+        seconds = self._config.deadline
+        if seconds is None:
+            return None
+        end = asyncio.get_running_loop().time() + seconds
+        outer = CALL_DEADLINE.get()
+        if outer is not None and outer.end <= end:
+            return outer  # a call inside another (a lookup during a create) keeps its deadline
+        return CallDeadline(end=end, seconds=seconds)
+
+    async def _within_deadline(
+        self,
+        run: Callable[[Callable[[], Awaitable[T]], int], Awaitable[T]],
+        operation: Callable[[], Awaitable[T]],
+        attempts: int,
+        call: CallDeadline | None = None,
+    ) -> T:
+        """`run(operation, attempts)` within `call` (default: the client's deadline from now).
+        Its requests share it: each gets what is left as aiohttp's `total` (a request that
+        runs out fails inside its attempt, as an APITimeoutError the caller can tell from a
+        refusal: a create then knows it may have made a job); and no retry is tried, or
+        waited for, that could not start before the deadline (`_retry_failed`).
+
+        Nothing is cancelled from outside an attempt: cutting a request short there would
+        hide from the caller whether it reached the server."""
+        if call is None:
+            call = self._call_deadline()
+            assert call is not None
+        token = CALL_DEADLINE.set(call)
+        try:
+            return await run(operation, attempts)
+        finally:
+            CALL_DEADLINE.reset(token)
 
     async def _retry_failed(
         self, operation: Callable[[], Awaitable[T]], first_failure: Exception, attempts: int
@@ -247,26 +407,56 @@ class AsyncTogether:
         """The rest of `_with_retries`, after a first attempt failed with `first_failure`."""
         config = self._config
 
-        def backoff(exc: Exception) -> bool | float:
-            return retry_backoff(exc, retry_after_max=config.retry_after_max)
+        call = CALL_DEADLINE.get() if config.deadline is not None else None
+        retries = 0
 
-        # Not retryable: stamina would re-raise it at once without running any hook.
-        if backoff(first_failure) is False:
+        def backoff(exc: Exception) -> bool | float:
+            nonlocal retries
+            wait = retry_backoff(exc, retry_after_max=config.retry_after_max)
+            if wait is False:
+                return False
+            retries += 1
+            if wait is True:
+                # stamina's own formula, drawn here to know (and tell) the wait before it
+                # starts; stamina's test mode still waits 0 for a wait given this way.
+                wait = min(
+                    config.retry_wait_max,
+                    config.retry_wait_initial * 2 ** min(retries - 1, 64)
+                    + random.uniform(0, config.retry_wait_jitter),
+                )
+            if call is not None and asyncio.get_running_loop().time() + wait >= call.end:
+                return False  # the retry could not start before the deadline: fail now
+            if retries < attempts:
+                logger.info(
+                    "retry %d of %d in %.1f s after: %s",
+                    retries,
+                    attempts - 1,
+                    wait,
+                    exc,
+                    extra={"together_retry": (retries, attempts - 1, wait)},
+                )
+            return wait
+
+        # Not retryable: stamina would re-raise it at once without running any hook. (Asked
+        # of the policy directly: stamina calls `backoff` for this failure again when it is
+        # replayed, and that call is the one that counts, waits and logs.)
+        if retry_backoff(first_failure, retry_after_max=config.retry_after_max) is False:
             raise first_failure
         replayed = False
-        async for attempt in stamina.retry_context(
-            on=backoff,
-            attempts=attempts,
-            timeout=None,
-            wait_initial=config.retry_wait_initial,
-            wait_max=config.retry_wait_max,
-            wait_jitter=config.retry_wait_jitter,
-        ):
-            with attempt:
-                if not replayed:
-                    replayed = True
-                    raise first_failure
-                return await operation()
+        with in_client_retry():
+            async for attempt in stamina.retry_context(
+                on=backoff,
+                attempts=attempts,
+                timeout=None,
+                wait_initial=config.retry_wait_initial,
+                wait_max=config.retry_wait_max,
+                wait_jitter=config.retry_wait_jitter,
+            ):
+                with attempt:
+                    if not replayed:
+                        replayed = True
+                        raise first_failure
+                    return await operation()
         raise AssertionError("unreachable: stamina re-raises the last failure")
 
     async def _send_once(
@@ -283,7 +473,7 @@ class AsyncTogether:
     ) -> Response:
         """One attempt: a 2xx or a status in `accept` is returned, anything else raised."""
         transport = self._ensure_transport()
-        request_headers = self._headers_for(url, headers)
+        request_headers, credential = self._headers_for(url, headers)
         body: Content = None
         if json is not None:
             try:
@@ -301,6 +491,7 @@ class AsyncTogether:
             method,
             url,
             headers=request_headers,
+            credential=credential,
             params=params,
             content=body,
             form=form() if form is not None else None,
@@ -356,6 +547,10 @@ class AsyncTogether:
         """A retried request whose success body is JSON; returns it decoded."""
         # _with_retries inlined: this is every API call's path, and most succeed at once.
         attempts = self._config.attempts_for(max_retries)
+        if self._config.deadline is not None:
+            attempt = functools.partial(self._send_once, method, url, params=params, json=json)
+            response = await self._within_deadline(self._run_retried, attempt, attempts)
+            return decode_json(response.body, what=what)
         try:
             response = await self._send_once(method, url, params=params, json=json)
         except Exception as exc:
@@ -377,8 +572,9 @@ class AsyncTogether:
     ) -> AsyncIterator[StreamingResponse]:
         """One streamed attempt; an error status is read, mapped and raised."""
         transport = self._ensure_transport()
+        request_headers, credential = self._headers_for(url, headers)
         async with transport.stream(
-            method, url, headers=self._headers_for(url, headers)
+            method, url, headers=request_headers, credential=credential
         ) as response:
             if not (200 <= response.status < 300 or response.status in accept):
                 body = await response.read()
@@ -401,11 +597,13 @@ class AsyncTogether:
         accept: frozenset[int] = frozenset(),
         max_retries: int | None,
         stack: AsyncExitStack,
+        deadline: CallDeadline | None = None,
     ) -> StreamingResponse:
         """Open a streamed answer under the retry policy and hand its release to `stack`.
 
         Only opening is retried: once bytes flow, a failure is the caller's to handle (it may
-        resume), which is why this is not a retried generator.
+        resume), which is why this is not a retried generator. `deadline` (from
+        `_call_deadline`) is shared by the streams of one call; reading the body counts.
         """
 
         async def attempt() -> tuple[AsyncExitStack, StreamingResponse]:
@@ -415,6 +613,12 @@ class AsyncTogether:
                 )
                 return opening.pop_all(), response
 
-        opened, response = await self._with_retries(attempt, max_retries=max_retries)
+        if deadline is None:
+            opened, response = await self._with_retries(attempt, max_retries=max_retries)
+        else:
+            attempts = self._config.attempts_for(max_retries)
+            opened, response = await self._within_deadline(
+                self._run_retried, attempt, attempts, deadline
+            )
         await stack.enter_async_context(opened)
         return response

@@ -1,5 +1,6 @@
 """Client settings from arguments and the environment: the API key, the base URL forms,
-timeouts and the retry policy. Pure: reading it touches neither the network nor the disk.
+timeouts, the deadline, the answer size cap and the retry policy. Pure: reading it touches
+neither the network nor the disk.
 """
 
 from __future__ import annotations
@@ -13,11 +14,20 @@ import attrs
 
 from ._errors import InvalidArgumentError
 
-__all__ = ["DEFAULT_BASE_URL", "ClientConfig", "check_api_key", "normalise_base_url"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "ClientConfig",
+    "check_api_key",
+    "normalise_base_url",
+]
 
 DEFAULT_BASE_URL = "https://api.together.ai/v1"
 API_KEY_ENV = "TOGETHER_API_KEY"
 BASE_URL_ENV = "TOGETHER_BASE_URL"
+#: The default cap on an answer read into memory: a batch job or file list is a few KB, and
+#: a page of 10,000 jobs well under a MB.
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 
 
 def normalise_base_url(url: str) -> str:
@@ -90,6 +100,17 @@ def _check_positive(name: str, value: float | None) -> None:
         raise InvalidArgumentError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def _check_deadline(value: float | None) -> None:
+    _check_positive("deadline", value)
+    if value is not None and value <= 0:
+        raise InvalidArgumentError(f"deadline must be > 0 seconds or None, got {value!r}")
+
+
+def _check_max_response_bytes(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"max_response_bytes must be an int >= 1, got {value!r}")
+
+
 def _check_retries(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidArgumentError(f"{name} must be an int >= 0, got {value!r}")
@@ -106,7 +127,18 @@ class ClientConfig:
         api_key: the bearer token, or None (the first call that needs it then raises
             MissingAPIKeyError).
         base_url: the API root, always ending in a path such as `/v1`, no trailing slash.
-        timeout: seconds to wait to connect and between two reads of a response.
+        timeout: an inactivity limit in seconds: to connect, for each piece of a request
+            body to be taken by the peer, and between two reads of an answer. A transfer that
+            keeps moving never times out, however long it takes.
+        deadline: seconds one request may take in all, retries and their waits included, from
+            the first connect to the last byte of the answer (of a streamed download too, its
+            resumes included, so it counts the time your code spends between chunks): past it
+            APITimeoutError; a retry that could not start before it is not waited for (the
+            last failure is raised at once). None (the default): no limit, so a large upload
+            over a slow link can take as long as it needs.
+        max_response_bytes: the most bytes of an answer read into memory (JSON answers and
+            error bodies; counted after decompression). A longer one raises
+            ResponseTooLargeError. Downloads of file content stream and are not capped.
         max_retries: retries after the first attempt (0 disables retrying).
         retry_wait_initial: the first backoff in seconds; it doubles per retry.
         retry_wait_max: the longest backoff in seconds.
@@ -120,6 +152,8 @@ class ClientConfig:
     api_key: str | None = attrs.field(repr=False, default=None)
     base_url: str = attrs.field(default=DEFAULT_BASE_URL, converter=normalise_base_url)
     timeout: float = 60.0
+    deadline: float | None = None
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     max_retries: int = 5
     retry_wait_initial: float = 0.5
     retry_wait_max: float = 30.0
@@ -131,6 +165,8 @@ class ClientConfig:
         _check_positive("timeout", self.timeout)
         if self.timeout is None or self.timeout <= 0:
             raise InvalidArgumentError(f"timeout must be > 0 seconds, got {self.timeout!r}")
+        _check_deadline(self.deadline)
+        _check_max_response_bytes(self.max_response_bytes)
         _check_retries("max_retries", self.max_retries)
         for name in (
             "retry_wait_initial",
@@ -150,6 +186,8 @@ class ClientConfig:
         *,
         base_url: str | None = None,
         timeout: float = 60.0,
+        deadline: float | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_retries: int = 5,
         environ: Mapping[str, str] | None = None,
     ) -> ClientConfig:
@@ -168,6 +206,8 @@ class ClientConfig:
             api_key=key,
             base_url=normalise_base_url(url),
             timeout=timeout,
+            deadline=deadline,
+            max_response_bytes=max_response_bytes,
             max_retries=max_retries,
         )
 

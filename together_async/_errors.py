@@ -8,6 +8,7 @@
     ├── UnsafeURLError                 a presigned upload URL we refuse to send data to
     ├── ManifestMismatchError          a state file that belongs to another dataset
     ├── WaitTimeoutError (TimeoutError)    batches.wait() ran past its timeout
+    ├── BatchNotFinishedError          results asked of a job that has not completed
     └── APIError                       anything that came from talking to the API
         ├── APIStatusError             the server answered with an error status
         │   ├── BadRequestError            400
@@ -19,6 +20,7 @@
         │   ├── RateLimitError             429
         │   └── InternalServerError        >= 500
         ├── APIResponseValidationError a 2xx answer whose body is not what the protocol promises
+        ├── ResponseTooLargeError      an answer longer than max_response_bytes (not read)
         ├── APIConnectionError         no usable answer: refused, reset, DNS, TLS
         │   └── APITimeoutError        the request timed out
         └── StatusPollError            watching a batch gave up after a long run of failed polls
@@ -40,6 +42,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "BatchFileError",
+    "BatchNotFinishedError",
     "ClientClosedError",
     "ConflictError",
     "InternalServerError",
@@ -49,6 +52,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "ResponseTooLargeError",
     "StatusPollError",
     "TogetherError",
     "UnprocessableEntityError",
@@ -129,6 +133,23 @@ class WaitTimeoutError(TogetherError, TimeoutError):
         self.last_job = last_job
 
 
+class BatchNotFinishedError(TogetherError):
+    """`batches.results()` of a job that has not COMPLETED: one still running has no result
+    files yet, and one that ended otherwise has at most part of them (pass `partial=True`).
+
+    Attributes:
+        batch_id: the job.
+        status: its status when asked (a BatchJobStatus, or None if the server gave none).
+        job: the job as it was read.
+    """
+
+    def __init__(self, message: str, *, batch_id: str, status: Any = None, job: Any = None) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+        self.status = status
+        self.job = job
+
+
 class BatchFileError(TogetherError, ValueError):
     """A batch input failed validation; nothing was uploaded.
 
@@ -171,6 +192,21 @@ class APIError(TogetherError):
 
 class APIResponseValidationError(APIError):
     """A success response whose body does not have the shape the protocol promises."""
+
+
+class ResponseTooLargeError(APIError):
+    """An answer whose body is longer than the client's `max_response_bytes`; it is not read
+    further (the connection is dropped), whatever its status.
+
+    Attributes:
+        status_code: the HTTP status of the answer.
+        limit: the cap in bytes (of the decoded body, for a compressed answer).
+    """
+
+    def __init__(self, message: str, *, status_code: int, limit: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.limit = limit
 
 
 class APIConnectionError(APIError):

@@ -356,6 +356,10 @@ def _route(method: str, url: str) -> str:
     return f"{method.upper()} {path or '/'}"
 
 
+# Routes with no id in them: a 404 there says the base URL is wrong, not that a thing is gone.
+_COLLECTIONS = ("/files", "/batches", "/files/upload")
+
+
 def error_from_response(
     status: int,
     headers: Mapping[str, str],
@@ -383,7 +387,14 @@ def error_from_response(
     if secret:
         message = message.replace(secret, "<api key>")
     if method and url:
-        message = f"{message} ({_route(method, url)})"
+        route = _route(method, url)
+        message = f"{message} ({route})"
+        if status == 404 and route.endswith(_COLLECTIONS):
+            message += (
+                ": this route always exists on Together's API, so the base URL's path is "
+                "probably wrong (it is https://api.together.ai/v1; check base_url, "
+                "--base-url or TOGETHER_BASE_URL)"
+            )
     return status_error_class(status)(
         message,
         status_code=status,

@@ -17,7 +17,13 @@ import orjson
 
 from . import watch
 from ._convert import result_from_row, structure
-from ._errors import APIError, APIResponseValidationError, APIStatusError, InvalidArgumentError
+from ._errors import (
+    APIError,
+    APIResponseValidationError,
+    APIStatusError,
+    BatchNotFinishedError,
+    InvalidArgumentError,
+)
 from ._models import BatchJob, BatchJobStatus, BatchResult, Endpoint
 from ._protocol import (
     decode_json,
@@ -84,6 +90,29 @@ def create_request(
         completion_window=completion_window,
         model_id=model_id,
         priority=priority,
+    )
+
+
+def _check_finished(job: BatchJob, batch_id: str, *, partial: bool) -> None:
+    status = job.status
+    if status == BatchJobStatus.COMPLETED or (partial and job.is_terminal):
+        return
+    if not job.is_terminal:
+        raise BatchNotFinishedError(
+            f"batch {batch_id} is {status or 'of unknown status'}: its results come once it "
+            f"ends; wait first (job = await client.batches.wait({batch_id!r}), or "
+            f"`together-async batches watch {batch_id}`)",
+            batch_id=batch_id,
+            status=status,
+            job=job,
+        )
+    reason = f" ({job.error})" if job.error else ""
+    raise BatchNotFinishedError(
+        f"batch {batch_id} ended {status}{reason} without completing; pass partial=True to "
+        "read the rows it has",
+        batch_id=batch_id,
+        status=status,
+        job=job,
     )
 
 
@@ -379,7 +408,11 @@ class Batches:
         )
 
     def results(
-        self, id_or_job: str | BatchJob, *, max_retries: int | None = None
+        self,
+        id_or_job: str | BatchJob,
+        *,
+        partial: bool = False,
+        max_retries: int | None = None,
     ) -> AsyncIterator[BatchResult]:
         """Every row of a job's output file and then of its error file, as BatchResult,
         streamed: memory does not depend on the files' size.
@@ -388,7 +421,17 @@ class Batches:
         itself to save a `get_batch` call. Close the iterator if you stop early
         (`contextlib.aclosing`), which releases the connection at once.
 
+        Args:
+            partial: also read a job that ended without completing (CANCELLED, EXPIRED,
+                FAILED): the rows it has. Without it such a job raises BatchNotFinishedError,
+                as a job still running always does (its files do not exist yet).
+
+        Raises:
+            BatchNotFinishedError: the job has not completed (saying its status and how to
+                wait), at the first iteration.
+
         Example:
+            job = await client.batches.wait(job.id)
             async for result in client.batches.results(job):
                 print(result.custom_id, result.text if result.ok else result.error_message)
         """
@@ -398,13 +441,18 @@ class Batches:
         else:
             job = None
             batch_id = require_id(id_or_job, "batch id")
-        return self._results(batch_id, job, max_retries)
+        return self._results(batch_id, job, bool(partial), max_retries)
 
     async def _results(
-        self, batch_id: str, job: BatchJob | None, max_retries: int | None
+        self, batch_id: str, job: BatchJob | None, partial: bool, max_retries: int | None
     ) -> AsyncIterator[BatchResult]:
-        if job is None or (job.output_file_id is None and job.error_file_id is None):
+        if (
+            job is None
+            or not job.is_terminal
+            or (job.output_file_id is None and job.error_file_id is None)
+        ):
             job = await self.get_batch(batch_id, max_retries=max_retries)
+        _check_finished(job, batch_id, partial=partial)
         for file_id in (job.output_file_id, job.error_file_id):
             if not file_id:
                 continue

@@ -37,6 +37,8 @@ from ._cli_run import (
 from ._client import AsyncTogether
 from ._convert import unstructure
 from ._errors import (
+    APIConnectionError,
+    APITimeoutError,
     AuthenticationError,
     BatchFileError,
     MissingAPIKeyError,
@@ -894,7 +896,7 @@ async def _cmd_batches_results(args: argparse.Namespace) -> int:
                 f"batch {job.id} is {job.status}: its results come once it ends "
                 f"(wait with: {PROG} batches watch {job.id})"
             )
-        results = client.batches.results(job)
+        results = client.batches.results(job, partial=True)
         try:
             counts = await write_result_rows(results, args.output)
         finally:
@@ -982,6 +984,11 @@ def _hint(exc: BaseException) -> str:
         )
     if isinstance(exc, AuthenticationError):
         return f"{exc} (check --api-key / TOGETHER_API_KEY)"
+    if isinstance(exc, APIConnectionError) and not isinstance(exc, APITimeoutError):
+        return (
+            f"{exc} (nothing answered: check --base-url / TOGETHER_BASE_URL and the network, "
+            "or try `run ... --emulator`)"
+        )
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or exc}"
     return str(exc) or type(exc).__name__

@@ -546,6 +546,7 @@ class Files:
                     value=source.chunks(),
                     filename=source.name,
                     content_type="application/octet-stream",
+                    size=source.size,
                 ),
             ]
 
@@ -766,6 +767,7 @@ class Files:
         client = self._client
         url = client._url("files", file_id, "content")
         attempts = client.config.attempts_for(max_retries)
+        deadline = client._call_deadline()  # one for the whole download, resumes included
         offset = 0
         expected: int | None = None
         resumes = 0
@@ -785,6 +787,7 @@ class Files:
                     accept=frozenset({206, 416}) if offset else frozenset({206}),
                     max_retries=max_retries,
                     stack=stack,
+                    deadline=deadline,
                 )
                 if response.status == 416:
                     # Asked for bytes from `offset` and there are none: done if that is the end.
