@@ -11,6 +11,7 @@ import enum
 import functools
 import logging
 import random
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
@@ -59,6 +60,42 @@ logger = logging.getLogger("together_async.client")
 install_stamina_filter()
 
 T = TypeVar("T")
+
+
+_CLOSING: set[asyncio.Task[None]] = set()
+
+
+def _guard_orphan(
+    client: AsyncTogether, session: aiohttp.ClientSession, loop: asyncio.AbstractEventLoop
+) -> weakref.finalize[Any, Any]:
+    """Close `session` in its loop if `client` is collected without being closed.
+
+    A notebook cell run again rebinds `client = AsyncTogether()` and drops the old one with
+    its session open, which aiohttp reports as "Unclosed client session" on the user's
+    screen. The guard holds the session (so it is not collected with the client, which is
+    what makes aiohttp warn) and closes it properly, logging that at DEBUG.
+    """
+    guard = weakref.finalize(client, _close_orphaned, session, loop)
+    guard.atexit = False  # at exit the loop is gone; asyncio.run closes sessions itself
+    return guard
+
+
+def _close_orphaned(session: aiohttp.ClientSession, loop: asyncio.AbstractEventLoop) -> None:
+    if session.closed or loop.is_closed():
+        return
+
+    def close() -> None:
+        if session.closed:
+            return
+        logger.debug("an AsyncTogether was dropped without aclose(); closing its session")
+        task = loop.create_task(session.close())
+        _CLOSING.add(task)
+        task.add_done_callback(_CLOSING.discard)
+
+    try:
+        loop.call_soon_threadsafe(close)
+    except RuntimeError:  # the loop closed in between
+        pass
 
 
 class _State(enum.Enum):
@@ -172,6 +209,7 @@ class AsyncTogether:
         self._caller_session = session
         self._own_session: aiohttp.ClientSession | None = None
         self._keeper: AsyncGenerator[None, None] | None = None
+        self._orphan_guard: weakref.finalize[Any, Any] | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._transport_instance: Transport | None = None
         self._state = _State.UNOPENED
@@ -247,6 +285,7 @@ class AsyncTogether:
             await keeper.aclose()
 
     def _mark_closed(self) -> None:
+        self._drop_orphan_guard()
         self._state = _State.CLOSED
         self._transport_instance = None
         self._own_session = None
@@ -284,6 +323,7 @@ class AsyncTogether:
         if session is None:
             session = self._own_session = open_session()
             self._keeper = self._keep(session)
+            self._orphan_guard = _guard_orphan(self, session, loop)
         self._session_loop = loop
         config = self._config
         self._transport_instance = Transport(
@@ -295,12 +335,18 @@ class AsyncTogether:
         self._state = _State.OPEN
         return self._transport_instance
 
+    def _drop_orphan_guard(self) -> None:
+        guard, self._orphan_guard = self._orphan_guard, None
+        if guard is not None:
+            guard.detach()
+
     def _keep(self, session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
         """Start `_session_keeper` for `session` in the running loop."""
 
         def closed(closed_session: aiohttp.ClientSession) -> None:
             # The loop that opened it has ended: a later call, in another loop, opens anew.
             if self._own_session is closed_session and self._state is _State.OPEN:
+                self._drop_orphan_guard()
                 self._own_session = None
                 self._keeper = None
                 self._transport_instance = None

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import functools
 import logging
 import os
 import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -128,6 +130,7 @@ class Emulator:
         """Counters of what was served (see `EmulatorStats`)."""
         self._data_dir: Path | None = None
         self._temp_dir: Path | None = None
+        self._remove_at_exit: Callable[[], None] | None = None
         self._storage: Storage | None = None
         self._runner: JobRunner | None = None
         self._api_runner: web.AppRunner | None = None
@@ -216,6 +219,11 @@ class Emulator:
                 await asyncio.to_thread(tempfile.mkdtemp, prefix="together-emulator-")
             )
             self._data_dir = self._temp_dir
+            # An emulator never closed (a notebook's, say) leaves no directory behind when the
+            # interpreter exits. Only at exit: a collected but still running emulator's jobs
+            # may still be writing there.
+            self._remove_at_exit = functools.partial(shutil.rmtree, self._temp_dir, True)
+            atexit.register(self._remove_at_exit)
         else:
             self._data_dir = self._requested_data_dir
         self._storage = Storage(self._data_dir)
@@ -275,6 +283,9 @@ class Emulator:
             await self._storage.close()
         if self._temp_dir is not None:
             await asyncio.to_thread(shutil.rmtree, self._temp_dir, True)
+            if self._remove_at_exit is not None:
+                atexit.unregister(self._remove_at_exit)
+                self._remove_at_exit = None
 
     async def wait_idle(self) -> None:
         """Wait until every job has reached a terminal status (for tests and benchmarks)."""
