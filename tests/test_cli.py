@@ -772,26 +772,31 @@ def test_secrets_are_scrubbed() -> None:
 
 
 def test_run_display_counts_rows_and_jobs() -> None:
-    """The live line estimates rows done from job progress and counts jobs by status."""
+    """The live line estimates rows done from job progress and counts jobs done of those
+    created, the shards still without a job, and the jobs by status."""
     from together_async import BatchJob, BatchJobStatus
 
     display = RunDisplay(sys.stderr)
     display.update(BatchJob(id="j1", status=BatchJobStatus.IN_PROGRESS, progress=50.0))
-    summary = BatchRunSummary(rows=200, shards=2, jobs=1, rows_ok=0)
-    done, text = display.status(summary)
-    assert done == 50
-    assert text == "1 of 2 jobs started (1 IN_PROGRESS), 0 results collected"
+    progress = display.progress(BatchRunSummary(rows=200, shards=2, jobs=1, rows_ok=0))
+    assert (progress.rows_done, progress.jobs, progress.jobs_done) == (50, 1, 0)
+    assert display.line(progress, width=80, elapsed=0) == (
+        " 25% 50/200 rows | jobs 0/1 done, 1 to create (1 IN_PROGRESS) | 00:00"
+    )
 
 
-def test_plain_run_display_draws_from_a_worker_thread() -> None:
-    """Without tqdm the display rewrites one plain line, and drawing needs no event loop."""
+def test_run_display_draws_from_a_worker_thread() -> None:
+    """The display rewrites one line in place, and drawing needs no event loop."""
+    from together_async import BatchJob, BatchJobStatus
+
     stream = io.StringIO()
-    display = RunDisplay(stream, use_tqdm=False)
-    worker = threading.Thread(target=display.finish, args=(200, 50, "1 job (1 IN_PROGRESS)"))
+    display = RunDisplay(stream, width=40)
+    display.update(BatchJob(id="j1", status=BatchJobStatus.IN_PROGRESS, progress=50.0))
+    progress = display.progress(BatchRunSummary(rows=200, shards=1, jobs=1))
+    worker = threading.Thread(target=display.finish, args=(progress,))
     worker.start()
     worker.join()
-    text = stream.getvalue()
-    assert text.startswith("\r50/200 rows (25%), ") and text.endswith("| 1 job (1 IN_PROGRESS)\n")
+    assert stream.getvalue() == "\r 50% 100/200 rows | jobs 0/1 done\x1b[K\n"
 
 
 def test_run_on_a_terminal_shows_live_progress(tmp_path: Path) -> None:
@@ -825,8 +830,8 @@ def test_run_on_a_terminal_shows_live_progress(tmp_path: Path) -> None:
     reader.join(timeout=10)
     os.close(controller)
     assert process.returncode == 0
-    assert "200/200 rows" in drawn.decode(errors="replace")
-    assert "1 job" in drawn.decode(errors="replace")
+    assert "100% " in drawn.decode(errors="replace")
+    assert "200/200 rows | jobs 1/1 done" in drawn.decode(errors="replace")
     assert stdout.startswith("Done: 200 requests")
 
 

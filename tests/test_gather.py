@@ -182,7 +182,7 @@ async def test_duplicate_ids_are_refused_before_any_upload(
     requests[42]["custom_id"] = "id-7"
     with pytest.raises(BatchFileError) as caught:
         await gather_batches(client, requests, model="m", max_requests_per_batch=10)
-    assert "requests[42].custom_id: 'id-7' duplicates requests[7]" in str(caught.value)
+    assert "requests[42].custom_id: duplicates requests[7]" in str(caught.value)
     assert emulator.stats["POST", "/files"] == 0
 
 
@@ -193,7 +193,7 @@ async def test_duplicates_in_a_file_are_named_by_line(
     path = tmp_path / "requests.jsonl"
     lines = [{"custom_id": "a", "body": chat("x")}, {"custom_id": "a", "body": chat("y")}]
     path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
-    with pytest.raises(BatchFileError, match=r"line 2: custom_id: 'a' duplicates line 1"):
+    with pytest.raises(BatchFileError, match=r"line 2: custom_id: duplicates line 1"):
         await gather_batches(client, path, model="m")
 
 
@@ -206,9 +206,9 @@ async def test_every_bad_row_is_reported_before_any_upload(
         await gather_batches(client, requests, model="m")
     message = str(caught.value)
     assert "3 problems" in message
-    assert "requests[1]: must be a request line or a request body" in message
+    assert "requests[1]: must be a JSON object, got a string" in message
     assert "requests[2].custom_id: must be a string" in message
-    assert "requests[3].body: must be an object" in message
+    assert "requests[3].body: must be a JSON object, got an array" in message
     assert emulator.stats["POST", "/files"] == 0
 
 

@@ -88,7 +88,8 @@ def test_close_twice_is_harmless() -> None:
 
 def test_missing_tqdm_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without tqdm, asking for a bar says which extra to install."""
-    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    for name in ("tqdm", "tqdm.std", "tqdm.auto"):
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"together_async\[progress\]"):
         BatchProgressBar()
     with pytest.raises(ImportError, match=r"together_async\[progress\]"):

@@ -131,7 +131,7 @@ def test_duplicates_after_rejected_rows_name_the_right_positions(tmp_path: Path)
     writer.add_items(rows)
     with pytest.raises(BatchFileError) as caught:
         writer.finish()
-    assert "requests[3].custom_id: 'a' duplicates requests[0]" in str(caught.value)
+    assert "requests[3].custom_id: duplicates requests[0]" in str(caught.value)
     assert caught.value.problem_count == 2
 
 
@@ -143,7 +143,7 @@ def test_duplicates_after_bad_lines_of_a_file_name_the_right_lines(tmp_path: Pat
     with pytest.raises(BatchFileError) as caught:
         shard_file(tmp_path / "out", tmp_path / "in.jsonl")
     assert [str(problem)[:6] for problem in caught.value.problems] == ["line 2", "line 3", "line 4"]
-    assert "line 4: custom_id: 'a' duplicates line 1" in str(caught.value)
+    assert "line 4: custom_id: duplicates line 1" in str(caught.value)
 
 
 def test_a_request_larger_than_a_batch_is_refused(tmp_path: Path) -> None:
@@ -265,6 +265,32 @@ def test_the_sharder_accepts_what_the_validator_accepts(tmp_path: Path, lines: l
     assert validator_ok or not complete
     for shard in sorted((directory / "out").glob("shard-*.jsonl")):
         assert check_batch_file(shard, endpoint=CHAT, max_lines=5).ok
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(request_lines(), min_size=1, max_size=12))
+def test_the_sharder_words_problems_as_the_validator(tmp_path: Path, lines: list[bytes]) -> None:
+    """For lines that all carry a custom_id and a body, `run` (the sharder) lists the same
+    problems as `validate` (the validator), word for word, in the same order and number."""
+    rows = [orjson.loads(line) for line in lines]
+    if not all(row.get("custom_id") is not None and "body" in row for row in rows):
+        return  # the sharder takes these on purpose (generated ids, bare bodies)
+    directory = Path(tempfile.mkdtemp(dir=tmp_path))
+    source = directory / "in.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    report = check_batch_file(source, endpoint=CHAT)
+    (directory / "out").mkdir()
+    try:
+        shard_file(directory / "out", source, model=None)
+    except BatchFileError as error:
+        assert [str(problem) for problem in error.problems] == [
+            str(problem) for problem in report.problems
+        ]
+        assert error.problem_count == report.problem_count
+        return
+    assert report.ok
 
 
 def write_shard(path: Path, ids: list[str]) -> None:

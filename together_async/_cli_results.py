@@ -24,6 +24,8 @@ import orjson
 from ._models import BatchResult
 
 __all__ = [
+    "CommonError",
+    "ErrorTally",
     "InputOrderWriter",
     "RowCounts",
     "RunSummary",
@@ -60,12 +62,76 @@ def errors_path_for(output: Path) -> Path:
 
 
 @attrs.frozen(kw_only=True)
+class CommonError:
+    """The error most failed rows share, and on how many rows it was."""
+
+    status_code: int | None
+    code: str | None
+    message: str
+    rows: int
+
+    def describe(self, *, max_chars: int = 160) -> str:
+        """`400 invalid_request_error: 'messages' is required (1,000 rows)`."""
+        message = self.message
+        if len(message) > max_chars:
+            cut = message[:max_chars].rsplit(" ", 1)[0] or message[:max_chars]
+            message = cut.rstrip(" ,;:") + " ..."
+        head = " ".join(str(part) for part in (self.status_code, self.code) if part is not None)
+        noun = "row" if self.rows == 1 else "rows"
+        return f"{head + ': ' if head else ''}{message} ({self.rows:,} {noun})"
+
+    def as_json(self) -> dict[str, Any]:
+        """The error as plain JSON data."""
+        return {
+            "status_code": self.status_code,
+            "code": self.code,
+            "message": self.message,
+            "rows": self.rows,
+        }
+
+
+_MAX_DISTINCT_ERRORS = 10_000
+
+
+class ErrorTally:
+    """Counts failed rows by (status_code, code, message), to name the most common error.
+
+    At most 10,000 distinct errors are told apart (rows with a new one after that are not
+    counted), so a run whose every message differs keeps memory bounded.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[int | None, str | None, str], int] = {}
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Count a result row, if it is a failure (`result_row`'s shape)."""
+        error = row.get("error")
+        if error is None:
+            return
+        key = (row.get("status_code"), error.get("code"), str(error.get("message")))
+        counts = self._counts
+        if key in counts:
+            counts[key] += 1
+        elif len(counts) < _MAX_DISTINCT_ERRORS:
+            counts[key] = 1
+
+    def most_common(self) -> CommonError | None:
+        """The error on most rows (the first seen among equals), or None when none failed."""
+        if not self._counts:
+            return None
+        (status_code, code, message), rows = max(self._counts.items(), key=lambda kv: kv[1])
+        return CommonError(status_code=status_code, code=code, message=message, rows=rows)
+
+
+@attrs.frozen(kw_only=True)
 class RowCounts:
-    """How many result rows were written, and how many of them failed."""
+    """How many result rows were written, how many of them failed, and their most common
+    error."""
 
     total: int
     ok: int
     failed: int
+    most_common_error: CommonError | None = None
 
 
 class _BlockWriter:
@@ -195,6 +261,7 @@ class InputOrderWriter:
         self._failed = bytearray()
         self._total = 0
         self._failed_count = 0
+        self._errors = ErrorTally()
 
     async def open(self) -> None:
         """Create the spool file, after removing what a killed run left beside the outputs."""
@@ -219,6 +286,7 @@ class InputOrderWriter:
         if "error" in row:
             self._failed[position] = 1
             self._failed_count += 1
+            self._errors.add(row)
         await self._spool.write(line)
 
     async def commit(self, rows: int) -> RowCounts:
@@ -229,7 +297,10 @@ class InputOrderWriter:
         finally:
             await self._spool.remove()
         return RowCounts(
-            total=self._total, ok=self._total - self._failed_count, failed=self._failed_count
+            total=self._total,
+            ok=self._total - self._failed_count,
+            failed=self._failed_count,
+            most_common_error=self._errors.most_common(),
         )
 
     async def discard(self) -> None:
@@ -271,6 +342,7 @@ async def write_result_rows(results: AsyncIterable[BatchResult], output: Path | 
     A file is renamed into place only once complete; stdout gets blocks of about 64 KiB.
     """
     total = failed = 0
+    errors = ErrorTally()
     staged = None if output is None else _StagedFile(output)
     stdout = anyio.wrap_file(sys.stdout.buffer) if staged is None else None
     pending: list[bytes] = []
@@ -289,7 +361,9 @@ async def write_result_rows(results: AsyncIterable[BatchResult], output: Path | 
         async for result in results:
             row = result_row(result)
             total += 1
-            failed += "error" in row
+            if "error" in row:
+                failed += 1
+                errors.add(row)
             line = orjson.dumps(row) + b"\n"
             if staged is not None:
                 await staged.write(line)
@@ -306,7 +380,9 @@ async def write_result_rows(results: AsyncIterable[BatchResult], output: Path | 
         if staged is not None:
             await staged.discard()
         raise
-    return RowCounts(total=total, ok=total - failed, failed=failed)
+    return RowCounts(
+        total=total, ok=total - failed, failed=failed, most_common_error=errors.most_common()
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -330,6 +406,7 @@ class RunSummary:
     resumed: bool
     emulator: bool
     state: Path | None
+    most_common_error: CommonError | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The summary as plain JSON data."""
@@ -343,6 +420,9 @@ class RunSummary:
             "rows": self.rows,
             "rows_ok": self.rows_ok,
             "rows_failed": self.rows_failed,
+            "most_common_error": (
+                None if self.most_common_error is None else self.most_common_error.as_json()
+            ),
             "resubmitted_rows": self.resubmitted_rows,
             "tokens": {
                 "prompt": self.prompt_tokens,
@@ -367,6 +447,8 @@ def render_summary(summary: RunSummary) -> str:
         f"  succeeded:    {summary.rows_ok:,}",
         f"  failed:       {summary.rows_failed:,}",
     ]
+    if summary.most_common_error is not None:
+        lines.append(f"  most common error: {summary.most_common_error.describe()}")
     if summary.resubmitted_rows:
         lines.append(f"  resubmitted:  {summary.resubmitted_rows:,} (retryable failures)")
     lines += [

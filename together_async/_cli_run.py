@@ -12,9 +12,10 @@ import errno
 import os
 import secrets
 import shlex
+import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,7 +28,7 @@ from ._client import AsyncTogether
 from ._errors import InvalidArgumentError
 from ._models import BatchEndpoint, BatchJob
 from .gather import MAX_REQUESTS_PER_BATCH, BatchRun, BatchRunSummary
-from .progress import job_percent
+from .progress import RunProgress, run_progress
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -167,6 +168,7 @@ async def run_batch_file(
         resumed=final.resumed,
         emulator=args.emulator,
         state=args.state,
+        most_common_error=counts.most_common_error,
     )
 
 
@@ -301,23 +303,28 @@ def interrupted_message(args: argparse.Namespace, jobs: int) -> str:
 
 
 class RunDisplay:
-    """A live status line of a run on a terminal: rows done, jobs by status, rate.
+    """A live status line of a run on a terminal: percent and rows done of the total, jobs
+    done of the jobs created (and still to create), jobs by status, rate and elapsed time.
 
     Fed by the run's job watcher (it is a JobObserver) and by the run's summary, read a few
-    times a second. Draws with tqdm when it is installed (the `progress` extra), else with a
-    plain status line rewritten in place.
+    times a second; the figures are `progress.run_progress`'s, so the line says 100% only
+    once every row has its result. The line fits the terminal: parts are dropped whole, least
+    important first (the bar, the rate, the status breakdown, the elapsed time, the jobs to
+    create, the jobs), so it never wraps and never cuts a word.
     """
 
-    def __init__(self, stream: IO[str], *, use_tqdm: bool = True) -> None:
+    def __init__(self, stream: IO[str], *, width: int | None = None) -> None:
         """Args:
         stream: where to draw (a terminal).
-        use_tqdm: False to draw the plain status line even when tqdm is installed.
+        width: the columns to fit in; None to ask the terminal at every redraw (it may be
+            resized).
         """
         self._stream = stream
+        self._width = width
         self._jobs: dict[str, BatchJob] = {}
-        self._bar: Any = None
-        self._bar_tried = not use_tqdm
-        self._plain_width = 0
+        self._drawn = False
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        self._blocks = encoding.startswith("utf")
         # Drawing happens in worker threads, where there is no event loop clock.
         self._started = time.monotonic()
 
@@ -345,9 +352,7 @@ class RunDisplay:
                 group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                summary = run.summary
-                done, text = self.status(summary)
-                await anyio.to_thread.run_sync(self.finish, summary.rows, done, text)
+                await anyio.to_thread.run_sync(self.finish, self.progress(run.summary))
         if failure is not None:
             raise failure
 
@@ -355,81 +360,104 @@ class RunDisplay:
         while True:
             # The figures are taken here, on the loop that updates them; only the drawing,
             # which may block on a slow terminal, goes to a worker thread.
-            summary = run.summary
-            done, text = self.status(summary)
-            await anyio.to_thread.run_sync(self.draw, summary.rows, done, text)
+            await anyio.to_thread.run_sync(self.draw, self.progress(run.summary))
             await anyio.sleep(_REFRESH_SECONDS)
 
-    def status(self, summary: BatchRunSummary) -> tuple[int, str]:
-        """Rows done so far (collected, or done on the server, whichever is ahead) and the
-        jobs part of the line."""
-        collected = summary.rows_ok + summary.rows_failed
-        percents = [job_percent(job) or 0.0 for job in self._jobs.values()]
-        # Shards are about equal in size, so the mean percent over all shards (jobs not yet
-        # created count 0) approximates the share of rows the server has finished.
-        shards = max(summary.shards, len(self._jobs), 1)
-        on_server = int(summary.rows * sum(percents) / 100 / shards)
-        done = min(summary.rows, max(collected, on_server))
-        by_status: dict[str, int] = {}
-        for job in self._jobs.values():
-            name = str(job.status or "UNKNOWN")
-            by_status[name] = by_status.get(name, 0) + 1
-        statuses = ", ".join(f"{count} {name}" for name, count in sorted(by_status.items()))
-        if summary.jobs < summary.shards:
-            jobs = f"{summary.jobs} of {summary.shards} jobs started"
-        else:
-            jobs = f"{summary.jobs} job" + ("" if summary.jobs == 1 else "s")
-        if statuses:
-            jobs += f" ({statuses})"
-        return done, f"{jobs}, {collected:,} results collected"
+    def progress(self, summary: BatchRunSummary) -> RunProgress:
+        """The run's progress from its summary and the job states seen."""
+        return run_progress(summary, self._jobs.values())
 
-    def draw(self, rows: int, done: int, text: str) -> None:
-        """Redraw the line: `done` of `rows`, then `text` (blocking: call from a thread)."""
-        if rows == 0:
+    def line(self, progress: RunProgress, *, width: int, elapsed: float) -> str:
+        """The status line for `progress`, at most `width - 1` characters (the last column
+        is left free: writing there makes some terminals wrap)."""
+        room = width - 1
+        percent = f"{progress.percent:3d}%"
+        rows = progress.rows_text()
+        rate = f"{progress.rows_done / elapsed:,.0f} rows/s" if elapsed > 0 else None
+        optional: dict[str, str | None] = {
+            "jobs": progress.jobs_text(),
+            "to_create": progress.to_create_text(),
+            "statuses": progress.statuses_text(),
+            "elapsed": _clock(elapsed),
+            "rate": rate,
+        }
+
+        def compose(kept: Mapping[str, str], bar: str | None = None) -> str:
+            head = " ".join(part for part in (percent, bar, rows) if part)
+            jobs = kept.get("jobs")
+            if jobs:
+                if kept.get("to_create"):
+                    jobs += f", {kept['to_create']}"
+                if kept.get("statuses"):
+                    jobs += f" {kept['statuses']}"
+            groups = [head, jobs, kept.get("rate"), kept.get("elapsed")]
+            return " | ".join(group for group in groups if group)
+
+        kept = {name: text for name, text in optional.items() if text}
+        everything = len(kept)
+        text = compose(kept)
+        for name in _DROP_ORDER:
+            if len(text) <= room:
+                break
+            kept.pop(name, None)
+            text = compose(kept)
+        if len(text) > room:
+            text = percent if len(percent) <= room else ""
+        elif len(kept) == everything:
+            # Room to spare with every part shown: the bar takes some of it.
+            spare = room - len(text) - 3  # "[", "]" and a space
+            if spare >= _MIN_BAR:
+                text = compose(kept, self._bar(progress, min(spare, _MAX_BAR)))
+        return text
+
+    def _bar(self, progress: RunProgress, size: int) -> str:
+        share = progress.percent / 100
+        if not self._blocks:
+            filled = int(share * size)
+            return "[" + "#" * filled + "-" * (size - filled) + "]"
+        eighths = int(share * size * 8)
+        full, part = divmod(eighths, 8)
+        partial = _EIGHTHS[part] if part and full < size else ""
+        return "[" + "█" * full + partial + " " * (size - full - len(partial)) + "]"
+
+    def _columns(self) -> int:
+        if self._width is not None:
+            return self._width
+        try:
+            columns = os.get_terminal_size(self._stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            columns = 0
+        return columns or shutil.get_terminal_size().columns or 80
+
+    def draw(self, progress: RunProgress) -> None:
+        """Redraw the line in place (blocking: call from a worker thread)."""
+        if progress.rows == 0:
             return  # still reading the input
-        if not self._bar_tried:
-            self._bar_tried = True
-            self._bar = _make_bar(rows, self._stream)
-        if self._bar is not None:
-            self._bar.total = rows
-            self._bar.n = done
-            self._bar.set_postfix_str(text, refresh=False)
-            self._bar.refresh()
-            return
-        elapsed = max(time.monotonic() - self._started, 1e-9)
-        line = (
-            f"{done:,}/{rows:,} rows ({100 * done / rows:.0f}%), "
-            f"{done / elapsed:,.0f} rows/s, {int(elapsed)} s | {text}"
-        )
-        self._stream.write("\r" + line.ljust(self._plain_width))
+        text = self.line(progress, width=self._columns(), elapsed=time.monotonic() - self._started)
+        # Back to the line's start, the new text, then erase what a longer line left.
+        self._stream.write("\r" + text + "\x1b[K")
         self._stream.flush()
-        self._plain_width = len(line)
+        self._drawn = True
 
-    def finish(self, rows: int, done: int, text: str) -> None:
+    def finish(self, progress: RunProgress) -> None:
         """Draw the last state and end the line (blocking)."""
-        self.draw(rows, done, text)
-        if self._bar is not None:
-            self._bar.close()
-        elif self._plain_width:
+        self.draw(progress)
+        if self._drawn:
             self._stream.write("\n")
             self._stream.flush()
 
 
-def _make_bar(total: int, stream: IO[str]) -> Any:
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(
-        total=total,
-        file=stream,
-        unit="row",
-        unit_scale=False,
-        dynamic_ncols=True,
-        desc="run",
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} rows "
-        "[{elapsed}, {rate_fmt}]{postfix}",
-    )
+# The parts of the status line dropped, in this order, when the terminal is too narrow.
+_DROP_ORDER = ("rate", "statuses", "elapsed", "to_create", "jobs")
+_MIN_BAR = 10
+_MAX_BAR = 30
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
 def stderr_is_terminal() -> bool:

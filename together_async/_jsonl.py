@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -269,10 +269,19 @@ def raise_for_problems(report: BatchFileReport, *, source: str) -> None:
         )
 
 
-def _json_type(value: Any) -> str:
-    if isinstance(value, dict):
+# The wording of each batch-file problem, in one place: the validator (validate, upload, the
+# emulator) and gather's InputSharder (run) call these, so the same fault reads the same.
+
+BLANK_LINE = "blank line; remove blank lines, one request per line"
+MISSING = "missing"
+
+
+def json_type(value: Any) -> str:
+    """What a value is, in JSON's words (`an object`, `a string`, ...), for problem messages;
+    a Python value with no JSON counterpart is named by its type."""
+    if isinstance(value, Mapping):
         return "an object"
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return "an array"
     if isinstance(value, str):
         return "a string"
@@ -280,12 +289,76 @@ def _json_type(value: Any) -> str:
         return "a boolean"
     if value is None:
         return "null"
-    return "a number"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return f"a Python {type(value).__name__}"
 
 
-def _show(value: Any) -> str:
-    text = orjson.dumps(value).decode()
+def show(value: Any) -> str:
+    """A value as it would appear in the file, shortened to 40 characters."""
+    try:
+        text = orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def bad_json_message(line: bytes, exc: orjson.JSONDecodeError) -> str:
+    """A line that orjson could not decode: not UTF-8, or not JSON (and where)."""
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return (
+            f"not valid UTF-8 (byte 0x{line[bad.start]:02x} at byte {bad.start + 1} of the "
+            "line); save the file as UTF-8"
+        )
+    message = f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if b"NaN" in line or b"Infinity" in line:
+        message += "; NaN and Infinity are not valid JSON"
+    return message
+
+
+def not_an_object_message(value: Any) -> str:
+    """A line (or row) that is not a JSON object."""
+    return f"must be a JSON object, got {json_type(value)}"
+
+
+def custom_id_message(custom_id: Any) -> str | None:
+    """What is wrong with a present custom_id, or None when it is fine."""
+    # isinstance, not type(): a str subclass (an enum member) given in Python is a string.
+    if not isinstance(custom_id, str):
+        return f"must be a string, got {json_type(custom_id)}"
+    if not custom_id:
+        return "is empty"
+    if len(custom_id) > MAX_CUSTOM_ID_CHARS:
+        return f"is {len(custom_id)} characters long; at most {MAX_CUSTOM_ID_CHARS} allowed"
+    return None
+
+
+def duplicate_message(first: str) -> str:
+    """A custom_id seen before, at `first` (`line 3`, or `requests[2]` for in-memory rows)."""
+    return f"duplicates {first}"
+
+
+def body_message(body: Any) -> str:
+    """A present body that is not an object."""
+    return f"must be a JSON object, got {json_type(body)}"
+
+
+def method_message(method: Any) -> str | None:
+    """What is wrong with a present method, or None when it is fine."""
+    if isinstance(method, str) and method in ALLOWED_METHODS:
+        return None
+    return f'must be "POST" or "FILE", got {show(method)}'
+
+
+def url_message(url: Any, endpoint: str) -> str | None:
+    """What is wrong with a present url given the batch endpoint, or None when it is fine."""
+    if not isinstance(url, str):
+        return f"must be a string, got {json_type(url)}"
+    if url != endpoint:
+        return f"{show(url)} is not the batch endpoint {show(endpoint)}"
+    return None
 
 
 class BatchFileValidator:
@@ -410,60 +483,48 @@ class BatchFileValidator:
             )
             line = line[:-1]
         if not line or line.isspace():
-            self._add(number, None, "blank line; remove blank lines, one request per line")
+            self._add(number, None, BLANK_LINE)
             return
         try:
             request = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            self._add(number, None, self._describe_bad_json(line, exc))
+            self._add(number, None, bad_json_message(line, exc))
             return
         if type(request) is not dict:
-            self._add(number, None, f"must be a JSON object, got {_json_type(request)}")
+            self._add(number, None, not_an_object_message(request))
             return
         self._check_custom_id(number, request)
         body = request.get("body")
         if type(body) is not dict:
             if "body" not in request:
-                self._add(number, "body", "missing")
+                self._add(number, "body", MISSING)
             else:
-                self._add(number, "body", f"must be a JSON object, got {_json_type(body)}")
+                self._add(number, "body", body_message(body))
         if "method" in request:
-            method = request["method"]
-            if type(method) is not str or method not in ALLOWED_METHODS:
-                self._add(number, "method", f'must be "POST" or "FILE", got {_show(method)}')
+            problem = method_message(request["method"])
+            if problem is not None:
+                self._add(number, "method", problem)
         if "url" in request:
             self._check_url(number, request["url"])
 
     def _check_custom_id(self, number: int, request: dict[str, Any]) -> None:
         if "custom_id" not in request:
-            self._add(number, "custom_id", "missing")
+            self._add(number, "custom_id", MISSING)
             return
         custom_id = request["custom_id"]
-        if type(custom_id) is not str:
-            self._add(number, "custom_id", f"must be a string, got {_json_type(custom_id)}")
-        elif not custom_id:
-            self._add(number, "custom_id", "is empty")
-        elif len(custom_id) > MAX_CUSTOM_ID_CHARS:
-            self._add(
-                number,
-                "custom_id",
-                f"is {len(custom_id)} characters long; at most {MAX_CUSTOM_ID_CHARS} allowed",
-            )
+        problem = custom_id_message(custom_id)
+        if problem is not None:
+            self._add(number, "custom_id", problem)
         else:
             first = self._first_line_by_custom_id.setdefault(custom_id, number)
             if first != number:
-                self._add(number, "custom_id", f"duplicates line {first}")
+                self._add(number, "custom_id", duplicate_message(f"line {first}"))
 
     def _check_url(self, number: int, url: Any) -> None:
-        if type(url) is not str:
-            self._add(number, "url", f"must be a string, got {_json_type(url)}")
-        elif self._endpoint is not None:
-            if url != self._endpoint:
-                self._add(
-                    number,
-                    "url",
-                    f"{_show(url)} is not the batch endpoint {_show(self._endpoint)}",
-                )
+        if not isinstance(url, str) or self._endpoint is not None:
+            problem = url_message(url, self._endpoint or "")
+            if problem is not None:
+                self._add(number, "url", problem)
         elif self._first_url is None:
             self._first_url = (url, number)
         elif url != self._first_url[0]:
@@ -471,23 +532,9 @@ class BatchFileValidator:
             self._add(
                 number,
                 "url",
-                f"{_show(url)} differs from {_show(first_url)} on line {first_line}; "
+                f"{show(url)} differs from {show(first_url)} on line {first_line}; "
                 "a batch runs against one endpoint",
             )
-
-    @staticmethod
-    def _describe_bad_json(line: bytes, exc: orjson.JSONDecodeError) -> str:
-        try:
-            line.decode("utf-8")
-        except UnicodeDecodeError as bad:
-            return (
-                f"not valid UTF-8 (byte 0x{line[bad.start]:02x} at byte {bad.start + 1} of the "
-                "line); save the file as UTF-8"
-            )
-        message = f"not valid JSON ({exc.msg} at column {exc.colno})"
-        if b"NaN" in line or b"Infinity" in line:
-            message += "; NaN and Infinity are not valid JSON"
-        return message
 
 
 def check_batch_chunks(

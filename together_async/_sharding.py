@@ -10,10 +10,11 @@ call) on the loop itself, so the loop stays responsive and memory stays bounded 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,10 +25,19 @@ from ._convert import ok_result, result_from_row
 from ._errors import BatchFileError
 from ._jsonl import (
     ALLOWED_METHODS,
+    BLANK_LINE,
     CHUNK_SIZE,
     MAX_CUSTOM_ID_CHARS,
+    MISSING,
     BatchFileProblem,
     LineSplitter,
+    bad_json_message,
+    body_message,
+    custom_id_message,
+    duplicate_message,
+    method_message,
+    not_an_object_message,
+    url_message,
 )
 from ._models import _UNREAD, BatchJobStatus, BatchRequest, BatchResult
 from .manifest import NewShard, encode_positions
@@ -48,6 +58,9 @@ MAX_PROBLEMS = 20
 """Problems listed in a BatchFileError (all are counted)."""
 
 _WRITE_BUFFER = CHUNK_SIZE
+_MAX_REJECTED_IDS = 100_000
+# A line's problems are listed in the validator's order of its fields.
+_FIELD_RANK = {None: 0, "custom_id": 1, "body": 2, "method": 3, "url": 4}
 _BOM = b"\xef\xbb\xbf"
 
 # Row outcomes worth a second try: the request itself was fine, the service was not.
@@ -235,8 +248,12 @@ class InputSharder:
         )
         self.rows = 0
         self.shards: list[WrittenShard] = []
-        self._problems: list[BatchFileProblem] = []
+        # (position, rank of the field, problem): sorted into the validator's order at the end.
+        self._problems: list[tuple[int, int, BatchFileProblem]] = []
         self._problem_count = 0
+        # The custom_ids of rejected rows (by position), so that a row repeating one is named
+        # a duplicate as the validator names it; bounded, a pathological file aside.
+        self._rejected_ids: dict[int, str] = {}
         self._seen_hashes: set[int] = set()
         # Positions of rows not written (after a problem): shard lines skip them.
         self._rejected: list[int] = []
@@ -330,13 +347,13 @@ class InputSharder:
         if line.endswith(b"\r"):
             line = line[:-1]
         if not line or line.isspace():
-            self._problem(position, None, "blank line; remove blank lines, one request per line")
+            self._problem(position, None, BLANK_LINE)
             self._rejected.append(position)
             return
         try:
             item = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            self._problem(position, None, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            self._problem(position, None, bad_json_message(line, exc))
             self._rejected.append(position)
             return
         self._add(item, position)
@@ -374,6 +391,16 @@ class InputSharder:
         if self._buffered >= _WRITE_BUFFER:
             self._flush()
 
+    def _note_rejected_id(self, position: int, custom_id: str) -> None:
+        if len(self._rejected_ids) >= _MAX_REJECTED_IDS:
+            return
+        self._rejected_ids[position] = custom_id
+        key = hash(custom_id)
+        if key in self._seen_hashes:
+            self._suspect_hashes.add(key)
+        else:
+            self._seen_hashes.add(key)
+
     def _take(self, line: bytes, custom_id: str, position: int) -> None:
         """Write a checked request line into the current shard (opening the next as needed)."""
         size = len(line) + 1
@@ -385,6 +412,7 @@ class InputSharder:
                 f"({self._max_bytes:,}); it cannot go in any batch",
             )
             self._rejected.append(position)
+            self._note_rejected_id(position, custom_id)
             return
         if self._file is not None and (
             self._shard_lines >= self._max_lines or self._shard_bytes + size > self._max_bytes
@@ -417,55 +445,46 @@ class InputSharder:
             if item.url is not None:
                 request["url"] = item.url
         elif is_dict or isinstance(item, Mapping):
-            if "body" in item:
-                request = dict(item)
-            elif "custom_id" in item:
-                self._problem(
-                    position,
-                    "body",
-                    "missing: a request line needs a body (a bare body has no custom_id)",
-                )
-                return None
-            else:
-                request = {"body": item}
+            # A mapping with a body or a custom_id is a request line; any other is a bare body.
+            request = dict(item) if "body" in item or "custom_id" in item else {"body": item}
         else:
-            self._problem(
-                position,
-                None,
-                f"must be a request line or a request body (a dict), got {type(item).__name__}",
-            )
+            self._problem(position, None, not_an_object_message(item))
             return None
+        # Every fault of the row is reported, in the validator's order and words (see
+        # _jsonl.py), so `run` and `validate` list the same problems alike.
+        problems: list[tuple[str, str]] = []
         custom_id = request.get("custom_id")
         if custom_id is None:
             custom_id = generated_custom_id(position)
-        elif not isinstance(custom_id, str):
-            kind = type(custom_id).__name__
-            self._problem(position, "custom_id", f"must be a string, got {kind}")
-            return None
-        elif not custom_id or len(custom_id) > MAX_CUSTOM_ID_CHARS:
-            self._problem(
-                position,
-                "custom_id",
-                f"must be 1 to {MAX_CUSTOM_ID_CHARS} characters, got {len(custom_id)}",
-            )
-            return None
-        body = request["body"]
-        if type(body) is not dict and not isinstance(body, Mapping):
-            self._problem(position, "body", f"must be an object, got {type(body).__name__}")
+        else:
+            problem = custom_id_message(custom_id)
+            if problem is not None:
+                problems.append(("custom_id", problem))
+        body: Any = request.get("body")
+        if "body" not in request:
+            problems.append(("body", MISSING))
+        elif type(body) is not dict and not isinstance(body, Mapping):
+            problems.append(("body", body_message(body)))
+        # Present means checked, as the validator does: a method or url of None is refused.
+        if "method" in request:
+            problem = method_message(request["method"])
+            if problem is not None:
+                problems.append(("method", problem))
+        if "url" in request:
+            problem = url_message(request["url"], self._endpoint)
+            if problem is not None:
+                problems.append(("url", problem))
+        if problems:
+            for field, problem in problems:
+                self._problem(position, field, problem)
+            given = request.get("custom_id") is not None
+            if given and not any(field == "custom_id" for field, _ in problems):
+                self._note_rejected_id(position, custom_id)
             return None
         if self._model is not None and "model" not in body:
             body = {"model": self._model, **body}
         elif not isinstance(body, dict):
             body = dict(body)
-        # Present means checked, as the validator does: a method or url of None is refused.
-        if "method" in request and request["method"] not in ALLOWED_METHODS:
-            method = request["method"]
-            self._problem(position, "method", f'must be "POST" or "FILE", got {method!r}')
-            return None
-        if "url" in request and request["url"] != self._endpoint:
-            url = request["url"]
-            self._problem(position, "url", f"{url!r} is not the batch endpoint {self._endpoint!r}")
-            return None
         request.pop("custom_id", None)
         request.pop("body")
         try:
@@ -538,14 +557,16 @@ class InputSharder:
         if self._suspect_hashes:
             self._report_duplicates()
         if self._problem_count:
-            self._problems.sort(key=lambda problem: problem.line or 0)
+            self._problems.sort(key=lambda entry: entry[:2])
             raise BatchFileError(
-                self._problems, problem_count=self._problem_count, source=self._describe_source()
+                [problem for _, _, problem in self._problems[:MAX_PROBLEMS]],
+                problem_count=self._problem_count,
+                source=self._describe_source(),
             )
         return self._fingerprint.hexdigest()
 
-    def _report_duplicates(self) -> None:
-        first_position: dict[str, int] = {}
+    def _written_ids(self) -> Iterator[tuple[int, str]]:
+        """(position, custom_id) of every row written to a shard, in position order."""
         accepted = 0
         skipped = 0
         for shard in self.shards:
@@ -557,30 +578,35 @@ class InputSharder:
                         skipped += 1
                         position = accepted + skipped
                     accepted += 1
-                    custom_id = orjson.loads(line)["custom_id"]
-                    if hash(custom_id) not in self._suspect_hashes:
-                        continue
-                    first = first_position.setdefault(custom_id, position)
-                    if first != position:
-                        self._problem(
-                            position,
-                            "custom_id",
-                            f"{custom_id!r} duplicates {self._where(first)}; "
-                            "custom_ids must be unique",
-                        )
+                    yield position, orjson.loads(line)["custom_id"]
+
+    def _report_duplicates(self) -> None:
+        first_position: dict[str, int] = {}
+        rejected = sorted(self._rejected_ids.items())
+        for position, custom_id in heapq.merge(self._written_ids(), rejected):
+            if hash(custom_id) not in self._suspect_hashes:
+                continue
+            first = first_position.setdefault(custom_id, position)
+            if first != position:
+                self._problem(position, "custom_id", duplicate_message(self._where(first)))
 
     def _problem(self, position: int | None, field: str | None, message: str) -> None:
         self._problem_count += 1
-        if len(self._problems) >= MAX_PROBLEMS:
-            return
         if self._source is not None:
             line = None if position is None else position + 1
-            self._problems.append(BatchFileProblem(line=line, field=field, message=message))
+            problem = BatchFileProblem(line=line, field=field, message=message)
         else:
             # In-memory rows have indexes, not lines: put the index where a reader looks first.
             where = "requests" if position is None else f"requests[{position}]"
             label = where if field is None else f"{where}.{field}"
-            self._problems.append(BatchFileProblem(line=None, field=label, message=message))
+            problem = BatchFileProblem(line=None, field=label, message=message)
+        problems = self._problems
+        problems.append((-1 if position is None else position, _FIELD_RANK.get(field, 0), problem))
+        # The first MAX_PROBLEMS in line order are listed, whenever they were found
+        # (duplicates are confirmed last); pruning at twice that keeps memory bounded.
+        if len(problems) >= 2 * MAX_PROBLEMS:
+            problems.sort(key=lambda entry: entry[:2])
+            del problems[MAX_PROBLEMS:]
 
     def _where(self, position: int) -> str:
         return f"line {position + 1}" if self._source is not None else f"requests[{position}]"

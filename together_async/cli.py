@@ -17,10 +17,10 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -146,6 +146,43 @@ def _add_common_options(parser: argparse.ArgumentParser, *, in_subcommand: bool)
     )
 
 
+def _examples(*lines: str) -> str:
+    """An epilog of example command lines, shown at the end of a command's --help."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _add_command(
+    commands: Any,
+    name: str,
+    *,
+    help: str,
+    description: str | None = None,
+    examples: Sequence[str],
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> argparse.ArgumentParser:
+    # Every command's --help ends with examples, laid out as written (RawDescription).
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name,
+        parents=list(parents),
+        help=help,
+        description=description or help[:1].upper() + help[1:] + ".",
+        epilog=_examples(*examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def _add_order_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--oldest-first",
+        "--reverse",
+        action="store_true",
+        dest="oldest_first",
+        help="list the oldest first (default: newest first, by creation time; entries "
+        "without one come last either way)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `together-async`, with every sub-command."""
     common = argparse.ArgumentParser(add_help=False)
@@ -154,16 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Run Together batch jobs from the command line, or against a local emulator.",
-        epilog=(
-            "Start here:  together-async run examples/summarise-1000.jsonl --emulator "
-            "-o results.jsonl\nDetails: docs/cli.md. Exit codes: 0 ok, 1 failed job/rows or "
-            "invalid input, 2 usage error, 130 interrupted."
+        epilog="Details: docs/cli.md. Exit codes: 0 ok, 1 failed job/rows or invalid input, "
+        "2 usage error, 130 interrupted.\n\n"
+        + _examples(
+            "together-async run examples/summarise-1000.jsonl --emulator -o results.jsonl",
+            "together-async batches list --json",
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_common_options(parser, in_subcommand=False)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, help="the command to run"
+    )
 
     _add_run_parser(commands, common)
     _add_validate_parser(commands, common)
@@ -174,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_parser(commands: Any, common: argparse.ArgumentParser) -> None:
-    run = commands.add_parser(
+    run = _add_command(
+        commands,
         "run",
         parents=[common],
         help="validate, shard, upload, run and collect a whole batch file",
@@ -184,12 +225,10 @@ def _add_run_parser(commands: Any, common: argparse.ArgumentParser) -> None:
             "to RESULTS with .errors.jsonl in place of .jsonl. Ctrl-C cancels the jobs, unless\n"
             "--state is given: then they keep running and the same command resumes the run."
         ),
-        epilog=(
-            "examples:\n"
-            "  together-async run examples/summarise-1000.jsonl --emulator -o results.jsonl\n"
-            "  together-async run big.jsonl -o results.jsonl --state big.state"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=[
+            "together-async run examples/summarise-1000.jsonl --emulator -o results.jsonl",
+            "together-async run big.jsonl -o results.jsonl --state big.state",
+        ],
     )
     run.add_argument("input", type=Path, metavar="INPUT.jsonl", help="batch input file")
     run.add_argument(
@@ -255,14 +294,19 @@ def _add_run_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_validate_parser(commands: Any, common: argparse.ArgumentParser) -> None:
-    validate = commands.add_parser(
+    validate = _add_command(
+        commands,
         "validate",
         parents=[common],
         help="check a batch input file without sending anything",
         description=(
-            "Check a batch input file against the Batch API's rules and name the lines at "
-            "fault. Exit code 1 when there are problems."
+            "Check a batch input file against the Batch API's rules and name the lines at\n"
+            "fault, worded as `run` words them. Exit code 1 when there are problems."
         ),
+        examples=[
+            "together-async validate examples/summarise-1000.jsonl",
+            "together-async validate big.jsonl --no-size-limits --json",
+        ],
     )
     validate.add_argument("file", type=Path, metavar="FILE", help="batch input file")
     validate.add_argument(
@@ -278,47 +322,109 @@ def _add_validate_parser(commands: Any, common: argparse.ArgumentParser) -> None
     validate.set_defaults(handler=_cmd_validate)
 
 
+# Help for the emulator options that its own command line leaves without one.
+_SERVE_HELP = {
+    "engine": "how requests are answered: echo (synthetic, offline; the default) or openai "
+    "(forwarded to --upstream)",
+    "max_upload_bytes": "largest file accepted, in bytes",
+    "fault_slow_seconds": "seconds a held-back request waits (default: 1.0)",
+}
+
+
 def _add_serve_parser(commands: Any) -> None:
     from .emulator.server import add_arguments
 
-    serve = commands.add_parser(
+    serve = _add_command(
+        commands,
         "serve",
         help="run the local emulator of the Together files and batches API",
-        description="Run the local emulator of Together's files and batches API (the same "
-        "options as python -m together_async.emulator). It prints one line with its base URL "
-        "when ready and stops on Ctrl-C; unfinished jobs resume on the next start with the "
+        description="Run the local emulator of Together's files and batches API (the same\n"
+        "options as python -m together_async.emulator). It prints one line with its base URL\n"
+        "when ready and stops on Ctrl-C; unfinished jobs resume on the next start with the\n"
         "same --data-dir.",
+        examples=[
+            "together-async serve --port 8788 --data-dir ./emulator-data",
+            "together-async serve --port 0 --api-key test-key --fault-error-rate 0.1",
+        ],
     )
     add_arguments(serve)
+    for action in serve._actions:
+        if not action.help and action.dest in _SERVE_HELP:
+            action.help = _SERVE_HELP[action.dest]
     serve.set_defaults(handler=None, sync_handler=_cmd_serve)
 
 
 def _add_files_parser(commands: Any, common: argparse.ArgumentParser) -> None:
-    files = commands.add_parser("files", help="upload, list, inspect, delete and download files")
-    actions = files.add_subparsers(dest="action", metavar="ACTION", required=True)
-
-    upload = actions.add_parser(
-        "upload", parents=[common], help="upload a file (validated first for batch-api)"
+    files = _add_command(
+        commands,
+        "files",
+        help="upload, list, inspect, delete and download files",
+        examples=[
+            "together-async files upload batch.jsonl",
+            "together-async files list --oldest-first",
+        ],
     )
-    upload.add_argument("path", type=Path, metavar="PATH")
-    upload.add_argument("--purpose", default="batch-api", help="file purpose (batch-api)")
+    actions = files.add_subparsers(
+        dest="action", metavar="ACTION", required=True, help="what to do with files"
+    )
+
+    upload = _add_command(
+        actions,
+        "upload",
+        parents=[common],
+        help="upload a file (validated first for batch-api)",
+        examples=[
+            "together-async files upload batch.jsonl",
+            "together-async files upload notes.txt --purpose fine-tune --no-check",
+        ],
+    )
+    upload.add_argument("path", type=Path, metavar="PATH", help="the local file to upload")
+    upload.add_argument("--purpose", default="batch-api", help="file purpose (default: batch-api)")
     upload.add_argument("--no-check", action="store_true", help="skip the batch-file validation")
     upload.add_argument("--endpoint", metavar="PATH", help="the endpoint the lines' url must match")
     upload.set_defaults(handler=_cmd_files_upload)
 
-    listing = actions.add_parser("list", parents=[common], help="list files")
+    listing = _add_command(
+        actions,
+        "list",
+        parents=[common],
+        help="list files, newest first",
+        examples=["together-async files list", "together-async files list --oldest-first --json"],
+    )
+    _add_order_option(listing)
     listing.set_defaults(handler=_cmd_files_list)
 
-    get = actions.add_parser("get", parents=[common], help="show one file")
-    get.add_argument("file_id", metavar="FILE_ID")
+    get = _add_command(
+        actions,
+        "get",
+        parents=[common],
+        help="show one file",
+        examples=["together-async files get file-09b3e435-0293-4be6-98a7-bc9e057ed25b"],
+    )
+    get.add_argument("file_id", metavar="FILE_ID", help="the file's id (see `files list`)")
     get.set_defaults(handler=_cmd_files_get)
 
-    delete = actions.add_parser("delete", parents=[common], help="delete a file")
-    delete.add_argument("file_id", metavar="FILE_ID")
+    delete = _add_command(
+        actions,
+        "delete",
+        parents=[common],
+        help="delete a file",
+        examples=["together-async files delete file-09b3e435-0293-4be6-98a7-bc9e057ed25b"],
+    )
+    delete.add_argument("file_id", metavar="FILE_ID", help="the file's id (see `files list`)")
     delete.set_defaults(handler=_cmd_files_delete)
 
-    download = actions.add_parser("download", parents=[common], help="download a file's content")
-    download.add_argument("file_id", metavar="FILE_ID")
+    download = _add_command(
+        actions,
+        "download",
+        parents=[common],
+        help="download a file's content",
+        examples=[
+            "together-async files download file-09b3e435-0293-4be6-98a7-bc9e057ed25b -o out.jsonl",
+            "together-async files download file-09b3e435-0293-4be6-98a7-bc9e057ed25b | head",
+        ],
+    )
+    download.add_argument("file_id", metavar="FILE_ID", help="the file's id (see `files list`)")
     download.add_argument(
         "-o", "--output", type=Path, metavar="PATH", help="write here ('-' or default: stdout)"
     )
@@ -326,55 +432,125 @@ def _add_files_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_batches_parser(commands: Any, common: argparse.ArgumentParser) -> None:
-    batches = commands.add_parser("batches", help="create, inspect, cancel and follow batch jobs")
-    actions = batches.add_subparsers(dest="action", metavar="ACTION", required=True)
+    batches = _add_command(
+        commands,
+        "batches",
+        help="create, inspect, cancel and follow batch jobs",
+        examples=[
+            "together-async batches create file-09b3e435-0293-4be6-98a7-bc9e057ed25b",
+            "together-async batches watch b0635b12-b5ae-44bd-8ee9-c7436132170e",
+        ],
+    )
+    actions = batches.add_subparsers(
+        dest="action", metavar="ACTION", required=True, help="what to do with batch jobs"
+    )
+    batch_id_help = "the job's id (see `batches list`)"
 
-    create = actions.add_parser(
-        "create", parents=[common], help="start a batch job on an uploaded file"
+    create = _add_command(
+        actions,
+        "create",
+        parents=[common],
+        help="start a batch job on an uploaded file",
+        examples=[
+            "together-async batches create file-09b3e435-0293-4be6-98a7-bc9e057ed25b",
+            "together-async batches create FILE_ID --endpoint /v1/completions --model-id MODEL",
+        ],
     )
-    create.add_argument("input_file_id", metavar="FILE_ID")
     create.add_argument(
-        "--endpoint", default=DEFAULT_ENDPOINT, metavar="PATH", help=f"({DEFAULT_ENDPOINT})"
+        "input_file_id", metavar="FILE_ID", help="the uploaded batch input file's id"
     )
-    create.add_argument("--completion-window", default="24h", metavar="WINDOW", help="(24h)")
+    create.add_argument(
+        "--endpoint",
+        default=DEFAULT_ENDPOINT,
+        metavar="PATH",
+        help=f"batch endpoint (default: {DEFAULT_ENDPOINT})",
+    )
+    create.add_argument(
+        "--completion-window",
+        default="24h",
+        metavar="WINDOW",
+        help="how long the job may take (default: 24h)",
+    )
     create.add_argument("--model-id", metavar="MODEL", help="model of the job, if required")
     create.add_argument("--priority", type=int, metavar="N", help="job priority")
     create.set_defaults(handler=_cmd_batches_create)
 
-    get = actions.add_parser("get", parents=[common], help="show one job")
-    get.add_argument("batch_id", metavar="BATCH_ID")
+    get = _add_command(
+        actions,
+        "get",
+        parents=[common],
+        help="show one job",
+        examples=["together-async batches get b0635b12-b5ae-44bd-8ee9-c7436132170e --json"],
+    )
+    get.add_argument("batch_id", metavar="BATCH_ID", help=batch_id_help)
     get.set_defaults(handler=_cmd_batches_get)
 
-    listing = actions.add_parser("list", parents=[common], help="list jobs")
+    listing = _add_command(
+        actions,
+        "list",
+        parents=[common],
+        help="list jobs, newest first",
+        examples=[
+            "together-async batches list",
+            "together-async batches list --oldest-first --json",
+        ],
+    )
+    _add_order_option(listing)
     listing.set_defaults(handler=_cmd_batches_list)
 
-    cancel = actions.add_parser("cancel", parents=[common], help="cancel a job")
-    cancel.add_argument("batch_id", metavar="BATCH_ID")
+    cancel = _add_command(
+        actions,
+        "cancel",
+        parents=[common],
+        help="cancel a job",
+        examples=["together-async batches cancel b0635b12-b5ae-44bd-8ee9-c7436132170e"],
+    )
+    cancel.add_argument("batch_id", metavar="BATCH_ID", help=batch_id_help)
     cancel.set_defaults(handler=_cmd_batches_cancel)
 
-    watch = actions.add_parser(
+    watch = _add_command(
+        actions,
         "watch",
         parents=[common],
         help="print a job's status as it changes until it ends",
-        description="Print a line per status or progress change. Exit code 0 when the job "
+        description="Print a line per status or progress change. Exit code 0 when the job\n"
         "COMPLETED, 1 when it ended otherwise.",
+        examples=[
+            "together-async batches watch b0635b12-b5ae-44bd-8ee9-c7436132170e",
+            "together-async batches watch BATCH_ID --timeout 3600 --json",
+        ],
     )
-    watch.add_argument("batch_id", metavar="BATCH_ID")
-    watch.add_argument("--poll-interval", type=_positive_float, metavar="SECONDS")
-    watch.add_argument("--max-poll-interval", type=_positive_float, metavar="SECONDS")
+    watch.add_argument("batch_id", metavar="BATCH_ID", help=batch_id_help)
+    watch.add_argument(
+        "--poll-interval",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="first interval between status polls (default: 2); it backs off from there",
+    )
+    watch.add_argument(
+        "--max-poll-interval",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="longest interval between status polls (default: 30)",
+    )
     watch.add_argument(
         "--timeout", type=_positive_float, metavar="SECONDS", help="give up after this long"
     )
     watch.set_defaults(handler=_cmd_batches_watch)
 
-    results = actions.add_parser(
+    results = _add_command(
+        actions,
         "results",
         parents=[common],
         help="fetch a finished job's results (output and error files)",
-        description="Write one result row per request (the `run` shape; in the server's order) "
+        description="Write one result row per request (the `run` shape; in the server's order)\n"
         "to PATH or stdout. Exit code 1 when any row failed.",
+        examples=[
+            "together-async batches results b0635b12-b5ae-44bd-8ee9-c7436132170e -o results.jsonl",
+            "together-async batches results BATCH_ID | head",
+        ],
     )
-    results.add_argument("batch_id", metavar="BATCH_ID")
+    results.add_argument("batch_id", metavar="BATCH_ID", help=batch_id_help)
     results.add_argument(
         "-o", "--output", type=Path, metavar="PATH", help="write here (default: stdout)"
     )
@@ -424,6 +600,20 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         for line in [header, *rows]
     ]
     return "\n".join(lines)
+
+
+_Created = TypeVar("_Created", FileObject, BatchJob)
+
+
+def by_creation(items: Iterable[_Created], *, oldest_first: bool = False) -> list[_Created]:
+    """`files list` and `batches list` order: newest first by created_at (oldest first when
+    asked), the server's order among equal times, and entries without a time last either way
+    (nothing says where they belong)."""
+    items = list(items)
+    # timestamp() compares aware and naive datetimes alike, where `<` would raise.
+    dated = [(item.created_at.timestamp(), item) for item in items if item.created_at is not None]
+    dated.sort(key=lambda pair: pair[0], reverse=not oldest_first)
+    return [item for _, item in dated] + [item for item in items if item.created_at is None]
 
 
 def _describe_file(file: FileObject) -> str:
@@ -540,6 +730,7 @@ async def _cmd_files_upload(args: argparse.Namespace) -> int:
 async def _cmd_files_list(args: argparse.Namespace) -> int:
     async with _open_client(args) as client:
         files = await client.files.list()
+    ordered = by_creation(files, oldest_first=args.oldest_first)
     rows = [
         [
             file.id,
@@ -548,12 +739,12 @@ async def _cmd_files_list(args: argparse.Namespace) -> int:
             str(file.purpose or "-"),
             _when(file.created_at),
         ]
-        for file in files
+        for file in ordered
     ]
     human = (
         _table(["ID", "FILENAME", "BYTES", "PURPOSE", "CREATED"], rows) if rows else ("no files")
     )
-    await _emit(args, files.data, human)
+    await _emit(args, ordered, human)
     return EXIT_OK
 
 
@@ -616,7 +807,7 @@ async def _cmd_batches_get(args: argparse.Namespace) -> int:
 
 async def _cmd_batches_list(args: argparse.Namespace) -> int:
     async with _open_client(args) as client:
-        jobs = await client.batches.list_batches()
+        jobs = by_creation(await client.batches.list_batches(), oldest_first=args.oldest_first)
     rows = [
         [
             job.id,
@@ -713,7 +904,11 @@ async def _cmd_batches_results(args: argparse.Namespace) -> int:
             aclose = getattr(results, "aclose", None)
             if aclose is not None:
                 await aclose()
-    await _write_stderr(f"{counts.total:,} rows: {counts.ok:,} ok, {counts.failed:,} failed\n")
+    common = counts.most_common_error
+    most = "" if common is None else f"; most common error: {common.describe()}"
+    await _write_stderr(
+        f"{counts.total:,} rows: {counts.ok:,} ok, {counts.failed:,} failed{most}\n"
+    )
     if job.status != BatchJobStatus.COMPLETED:
         reason = f": {job.error}" if job.error else ""
         await _write_stderr(f"{PROG}: batch {job.id} ended {job.status}{reason}\n")

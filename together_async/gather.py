@@ -63,6 +63,7 @@ from ._reconcile import CreateRequest, claim_hook, may_have_made
 from ._sharding import InputSharder, ShardAccounting, WrittenShard, ids_path
 from .batches import create_request
 from .manifest import Manifest, ShardRecord, ShardStep
+from .progress import observer_for_run
 from .watch import BatchWatcher, JobObserver, PollSchedule, check_progress
 
 if sys.version_info >= (3, 11):
@@ -614,7 +615,8 @@ class _Pipeline:
             open_ended=True,
             poll_interval=run._poll_interval,
             max_interval=run._max_interval,
-            progress=run._progress,
+            # progress=True: a bar of rows done of the run's rows, not only of jobs seen.
+            progress=observer_for_run(run._progress, lambda: run.summary),
         )
         self._finished_jobs: dict[str, BatchJob] = {}
         self._waiting: dict[str, anyio.Event] = {}
