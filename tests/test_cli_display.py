@@ -151,3 +151,46 @@ def test_on_a_narrow_terminal_no_frame_wraps(tmp_path: Path, columns: int) -> No
     assert max(len(frame) for frame in frames) < columns
     assert frames[-1].startswith("100% ")
     assert "200/200 rows" in frames[-1]
+
+
+def test_a_scheduled_retry_is_shown_on_the_line() -> None:
+    """After the client schedules a retry the line says so (which try, the wait, the cause)."""
+    display = RunDisplay(io.StringIO(), width=WIDE)
+    progress = busy_run(display)
+    display.note_retry(2, 5, 4.2, "503")
+    assert "| retry 2/5 in 4s (503) |" in display.line(progress, width=WIDE, elapsed=75.0)
+
+
+def test_the_retry_outlasts_the_status_breakdown_on_a_narrow_line() -> None:
+    """When room runs out the status breakdown goes before the retry note does."""
+    display = RunDisplay(io.StringIO(), width=80)
+    progress = busy_run(display)
+    display.note_retry(1, 5, 30.0, "no connection")
+    line = display.line(progress, width=80, elapsed=75.0)
+    assert "retry 1/5 in 30s (no connection)" in line and "VALIDATING" not in line
+    assert len(line) <= 79
+
+
+async def test_client_retries_reach_the_line_during_a_run(make_emulator: object) -> None:
+    """A retry the client logs while the display follows a run shows up in what is drawn,
+    and the command's stderr handler (WARNING and up) does not print it."""
+    from together_async import AsyncTogether
+    from together_async.emulator.faults import Fault
+
+    emulator = await make_emulator(  # type: ignore[operator]
+        faults=[Fault(kind="error", status=503, times=1, routes=("GET /batches",))]
+    )
+    stream = io.StringIO()
+    display = RunDisplay(stream, width=WIDE)
+    progress = busy_run(display)
+
+    class Run:
+        summary = BatchRunSummary(rows=100_000, rows_ok=33_000, rows_failed=10, jobs=3, shards=4)
+
+    async def work() -> None:
+        async with AsyncTogether(api_key=emulator.api_key, base_url=emulator.base_url) as client:
+            await client.batches.list_batches()
+        display.draw(progress)
+
+    await display.follow(Run(), work())  # type: ignore[arg-type]
+    assert "retry 1/5" in stream.getvalue() and "(503)" in stream.getvalue()

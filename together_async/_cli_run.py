@@ -9,13 +9,14 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import secrets
 import shlex
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,7 +26,7 @@ import orjson
 
 from ._cli_results import InputOrderWriter, RunSummary, errors_path_for
 from ._client import AsyncTogether
-from ._errors import InvalidArgumentError
+from ._errors import APIConnectionError, APITimeoutError, InvalidArgumentError
 from ._models import BatchEndpoint, BatchJob
 from .gather import MAX_REQUESTS_PER_BATCH, BatchRun, BatchRunSummary
 from .progress import RunProgress, run_progress
@@ -327,6 +328,8 @@ class RunDisplay:
         self._blocks = encoding.startswith("utf")
         # Drawing happens in worker threads, where there is no event loop clock.
         self._started = time.monotonic()
+        # The last retry the client scheduled: (when it was told, what to show).
+        self._retry: tuple[float, float, str] | None = None
 
     # JobObserver
     def update(self, job: BatchJob) -> None:
@@ -336,9 +339,28 @@ class RunDisplay:
     def close(self) -> None:
         """The watcher ended; the display itself ends with the run."""
 
+    def note_retry(self, number: int, of: int, wait: float, reason: str) -> None:
+        """Show, until that retry is due (and a little after), that a call is being retried."""
+        text = (
+            f"retry {number}/{of} in {wait:.0f}s ({reason})"
+            if wait >= 1
+            else (f"retry {number}/{of} ({reason})")
+        )
+        self._retry = (time.monotonic(), wait, text)
+
+    def _retry_text(self) -> str | None:
+        if self._retry is None:
+            return None
+        told, wait, text = self._retry
+        return text if time.monotonic() - told <= wait + _RETRY_SHOWN_AFTER else None
+
     async def follow(self, run: BatchRun, work: Awaitable[None]) -> None:
         """Await `work` (which drives `run`) while redrawing the status line."""
         self._started = time.monotonic()
+        with _retries_shown_on(self):
+            await self._follow(run, work)
+
+    async def _follow(self, run: BatchRun, work: Awaitable[None]) -> None:
         failure: Exception | None = None
         try:
             async with anyio.create_task_group() as group:
@@ -380,6 +402,7 @@ class RunDisplay:
             "statuses": progress.statuses_text(),
             "elapsed": _clock(elapsed),
             "rate": rate,
+            "retry": self._retry_text(),
         }
 
         def compose(kept: Mapping[str, str], bar: str | None = None) -> str:
@@ -390,7 +413,7 @@ class RunDisplay:
                     jobs += f", {kept['to_create']}"
                 if kept.get("statuses"):
                     jobs += f" {kept['statuses']}"
-            groups = [head, jobs, kept.get("rate"), kept.get("elapsed")]
+            groups = [head, jobs, kept.get("retry"), kept.get("rate"), kept.get("elapsed")]
             return " | ".join(group for group in groups if group)
 
         kept = {name: text for name, text in optional.items() if text}
@@ -448,7 +471,51 @@ class RunDisplay:
 
 
 # The parts of the status line dropped, in this order, when the terminal is too narrow.
-_DROP_ORDER = ("rate", "statuses", "elapsed", "to_create", "jobs")
+_DROP_ORDER = ("rate", "statuses", "elapsed", "to_create", "retry", "jobs")
+# Seconds a retry stays on the line after it was due (its attempt is then under way).
+_RETRY_SHOWN_AFTER = 2.0
+
+
+class _RetryNotes(logging.Handler):
+    """Hands the client's retry records (see `_client.py`) to the display's line."""
+
+    def __init__(self, display: RunDisplay) -> None:
+        super().__init__(logging.INFO)
+        self._display = display
+
+    def emit(self, record: logging.LogRecord) -> None:
+        told = getattr(record, "together_retry", None)
+        if told is None:
+            return
+        number, of, wait = told
+        failure = record.args[-1] if isinstance(record.args, tuple) and record.args else None
+        status = getattr(failure, "status_code", None)
+        if status is not None:
+            reason = str(status)
+        elif isinstance(failure, APITimeoutError):
+            reason = "timeout"
+        elif isinstance(failure, APIConnectionError):
+            reason = "no connection"
+        else:
+            reason = type(failure).__name__
+        self._display.note_retry(number, of, wait, reason)
+
+
+@contextlib.contextmanager
+def _retries_shown_on(display: RunDisplay) -> Iterator[None]:
+    client_logger = logging.getLogger("together_async.client")
+    handler = _RetryNotes(display)
+    level = client_logger.level
+    if client_logger.getEffectiveLevel() > logging.INFO:
+        client_logger.setLevel(logging.INFO)
+    client_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        client_logger.removeHandler(handler)
+        client_logger.setLevel(level)
+
+
 _MIN_BAR = 10
 _MAX_BAR = 30
 _EIGHTHS = " ▏▎▍▌▋▊▉"

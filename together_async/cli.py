@@ -1054,6 +1054,9 @@ def _command_logging(debug: bool, secrets: _Secrets) -> Iterator[None]:
     handler = _CommandLogHandler(sys.stderr)
     handler.addFilter(_ScrubbingFilter(secrets))
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    # The handler's own level too: the live display lowers the client logger's level to
+    # hear of retries, and those records must not reach stderr (they would break its line).
+    handler.setLevel(logging.DEBUG if debug else logging.WARNING)
     level = package_logger.level
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.DEBUG if debug else logging.WARNING)
