@@ -129,10 +129,50 @@ def test_the_oldest_candidate_is_picked() -> None:
     """Of several candidates the oldest wins; one without a date counts as oldest."""
     newer = made(id="new", created_at=NOW + timedelta(seconds=5))
     older = made(id="old")
-    assert pick([newer, older]) is older
+    assert pick([newer, older], REQUEST) is older
     undated = made(id="undated", created_at=None)
-    assert pick([older, undated]) is undated
-    assert pick([]) is None
+    assert pick([older, undated], REQUEST) is undated
+    assert pick([], REQUEST) is None
+
+
+def test_an_exact_match_beats_an_older_guess() -> None:
+    """A job saying exactly what was asked wins over an older one that left a field unsaid,
+    and a request that left a field unsaid prefers the job that left it unsaid too."""
+    exact = made(id="exact", model_id="m", completion_window="24h", priority=1)
+    guess = made(id="guess", model_id="m", completion_window="24h", created_at=NOW - timedelta(1))
+    assert pick([guess, exact], REQUEST) is exact
+    unsaid = CreateRequest(input_file_id="file-1", endpoint=CHAT, model_id="m")
+    plain = made(id="plain", model_id="m", created_at=NOW + timedelta(seconds=5))
+    assert pick([exact, plain], unsaid) is plain
+
+
+async def test_concurrent_lost_creates_with_different_settings_keep_their_own_jobs(
+    make_emulator: MakeEmulator,
+) -> None:
+    """Concurrent creates on one file with priorities None, 0, 1, 2 and 20% resets after the
+    job was made: each call ends with a job of its own settings, one job per call."""
+    for seed in range(4):
+        emulator = await make_emulator(
+            seed=seed,
+            faults=[Fault(kind="reset", rate=0.2, routes=("POST /batches",), after_effect=True)],
+        )
+        async with AsyncTogether(api_key=emulator.api_key, base_url=emulator.base_url) as client:
+            uploaded = await client.files.upload(chat_file(1))
+            asked = [i % 3 if i % 5 else None for i in range(40)]
+            results = await asyncio.gather(
+                *(
+                    client.batches.create_batch(uploaded.id, CHAT, model_id="m", priority=priority)
+                    for priority in asked
+                ),
+                return_exceptions=True,
+            )
+        jobs = [job for job in results if isinstance(job, BatchJob)]
+        assert all(isinstance(r, (BatchJob, TogetherError)) for r in results)
+        assert len({job.id for job in jobs}) == len(jobs)
+        assert emulator.stats.jobs_created[uploaded.id] == len(jobs)
+        pairs = zip(asked, results, strict=True)
+        got = [(p, job.priority) for p, job in pairs if isinstance(job, BatchJob)]
+        assert all(wanted == priority for wanted, priority in got), (seed, got)
 
 
 # --- the claim registry -----------------------------------------------------------------

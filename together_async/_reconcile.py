@@ -76,10 +76,32 @@ def may_have_made(
     )
 
 
-def pick(candidates: Iterable[BatchJob]) -> BatchJob | None:
-    """The oldest candidate (a job without a date counts as oldest): when several lost
-    creates share a file, each taking the oldest one left hands every job to exactly one."""
-    return min(candidates, key=lambda job: job.created_at or _OLDEST, default=None)
+def _guessed(job: BatchJob, request: CreateRequest) -> int:
+    # How many fields matched only because one side did not say (see `_same`).
+    pairs = (
+        (request.endpoint, job.endpoint),
+        (request.model_id, job.model_id),
+        (request.completion_window, job.completion_window),
+        (request.priority, job.priority),
+    )
+    return sum((asked is None) != (answered is None) for asked, answered in pairs)
+
+
+def pick(candidates: Iterable[BatchJob], request: CreateRequest) -> BatchJob | None:
+    """The candidate that matches `request` best, then the oldest (a job without a date
+    counts as oldest).
+
+    Best first: a job whose fields say exactly what was asked beats one that matched only
+    because it, or the request, left a field unsaid; so of concurrent lost creates with
+    different settings on one file, each takes its own job, not a neighbour's. Then oldest:
+    when several lost creates asked the same, each taking the oldest one left hands every job
+    to exactly one.
+    """
+    return min(
+        candidates,
+        key=lambda job: (_guessed(job, request), job.created_at or _OLDEST),
+        default=None,
+    )
 
 
 _CLAIM_HOOK: contextvars.ContextVar[Callable[[BatchJob], None] | None] = contextvars.ContextVar(
@@ -176,10 +198,13 @@ class ClaimRegistry:
         """The oldest unclaimed job of `jobs` that `request` may have made, claimed; or None."""
         with self.active(not_before):
             found = pick(
-                job
-                for job in jobs
-                if job.id not in self._claims
-                and may_have_made(job, request, not_before=not_before, ignored=ignored)
+                (
+                    job
+                    for job in jobs
+                    if job.id not in self._claims
+                    and may_have_made(job, request, not_before=not_before, ignored=ignored)
+                ),
+                request,
             )
             if found is not None:
                 self.claim(found)
