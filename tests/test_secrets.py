@@ -485,3 +485,67 @@ async def test_cli_output_never_holds_the_key(
     written = await anyio.Path(tmp_path / "out.jsonl").read_bytes()
     assert len(written.splitlines()) == 50
     assert leaks([*outputs, written.decode()], KEY, OTHER_KEY) == []
+
+
+def echoing_headers_api() -> web.Application:
+    """An API that answers 401 with the Authorization header it got in X-Request-Id, and the
+    key \\u-escaped inside its JSON error (which a scrub of the raw bytes would miss)."""
+
+    async def echo(request: web.Request) -> web.Response:
+        await request.read()
+        header = request.headers.get("Authorization", "")
+        escaped = "".join(f"\\u{ord(char):04x}" for char in header)
+        body = '{"error": {"message": "bad credentials ' + escaped + '"}}'
+        return web.Response(
+            text=body,
+            status=401,
+            content_type="application/json",
+            headers={"X-Request-Id": header},
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+async def test_a_key_echoed_in_a_header_or_escaped_in_json_is_hidden(serve: Serve) -> None:
+    """The key in X-Request-Id, or \\u-escaped in the JSON body, is in none of the error's
+    str, repr, request_id, body or pickled bytes."""
+    import pickle
+
+    api = await serve(echoing_headers_api())
+    async with fast_client(str(api.make_url("/v1")), max_retries=0) as client:
+        with pytest.raises(APIStatusError) as raised:
+            await client.batches.get_batch("b1")
+    error = raised.value
+    assert error.request_id == "Bearer <api key>"
+    assert leaks([*error_texts(error), repr(error.body), str(error.request_id)], KEY) == []
+    assert KEY.encode() not in pickle.dumps(error)
+
+
+def test_presigned_query_values_are_hidden_from_an_error_and_its_request_id() -> None:
+    """A storage error echoing the presigned URL (headers and body), short values and a bare
+    token included, keeps none of the query's values."""
+    from together_async._protocol import error_from_response
+
+    for url, values in (
+        (
+            "https://s3.example/k?X-Amz-Signature=abcdef0123&X-Amz-Credential=AKIDZZ",
+            ["abcdef0123", "AKIDZZ"],
+        ),
+        ("https://s3.example/k?sig=SIGCLI", ["SIGCLI"]),
+        (
+            "https://s3.example/k?a3f1c9e07b5d2468ace13579bdf02468",
+            ["a3f1c9e07b5d2468ace13579bdf02468"],
+        ),
+    ):
+        target = url.split("example", 1)[1]
+        error = error_from_response(
+            403,
+            {"x-request-id": target},
+            f'{{"error": {{"message": "denied {target}"}}}}'.encode(),
+            method="PUT",
+            url=url,
+        )
+        texts = [str(error), repr(error), repr(error.body), str(error.request_id)]
+        assert leaks(texts, *values) == [], (url, texts)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from http import HTTPStatus
 from typing import Any, cast
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import parse_qsl, quote, urljoin, urlsplit
 
 import orjson
 
@@ -334,14 +334,44 @@ def _decode_error_body(body: bytes) -> tuple[Any, str | None]:
     return payload, _message_from_json(payload)
 
 
-def _scrubbed(value: Any, secret: str) -> Any:
-    """`value` (a decoded error body) with `secret` blanked out of every string in it."""
+# Query values shorter than this are not blanked: "1" or "3600" would mangle the message,
+# and a credential is never that short.
+_MIN_QUERY_SECRET = 4
+
+
+def _secrets_of(key: str | None, url: str) -> list[tuple[str, str]]:
+    """What to blank out of an error built from an answer to `url`: the API key, and the
+    values of the URL's query (a presigned URL's signature and credential), in the spellings a
+    server may echo; longest first, so a value inside another is not half-blanked."""
+    found: dict[str, str] = {}
+    # Split by hand: urlsplit refuses some URLs (a bad IPv6 host), whose query still counts.
+    query = url.partition("?")[2].partition("#")[0]
+    if query:
+        if "=" not in query and len(query) >= _MIN_QUERY_SECRET:
+            found[query] = "<hidden>"  # a bare token: the whole query is the credential
+        for _name, value in parse_qsl(query, keep_blank_values=False):
+            for spelling in {value, quote(value, safe=""), quote(value, safe="/")}:
+                if len(spelling) >= _MIN_QUERY_SECRET:
+                    found[spelling] = "<hidden>"
+    if key:
+        found[key] = "<api key>"
+    return sorted(found.items(), key=lambda item: -len(item[0]))
+
+
+def _scrubbed(value: Any, secrets: list[tuple[str, str]]) -> Any:
+    """`value` (a decoded error body, or a text) with each secret blanked out of every string
+    in it."""
+    if not secrets:
+        return value
     if isinstance(value, str):
-        return value.replace(secret, "<api key>")
+        for secret, shown in secrets:
+            if secret in value:
+                value = value.replace(secret, shown)
+        return value
     if isinstance(value, dict):
-        return {_scrubbed(key, secret): _scrubbed(item, secret) for key, item in value.items()}
+        return {_scrubbed(k, secrets): _scrubbed(item, secrets) for k, item in value.items()}
     if isinstance(value, list):
-        return [_scrubbed(item, secret) for item in value]
+        return [_scrubbed(item, secrets) for item in value]
     return value
 
 
@@ -377,15 +407,20 @@ def error_from_response(
     gateways echo the Authorization header back in their error pages.
     """
     decoded, message = _decode_error_body(body)
-    if secret and secret.encode() in body:
-        decoded = _scrubbed(decoded, secret)
     if message is None:
         try:
             message = HTTPStatus(status).phrase
         except ValueError:
             message = f"HTTP {status}"
-    if secret:
-        message = message.replace(secret, "<api key>")
+    # Blanked after decoding, so an escaped spelling (JSON's \u0073k-...) is caught too, and
+    # in the headers kept as well: a gateway may echo the Authorization header, a storage host
+    # the presigned URL, into X-Request-Id.
+    secrets_in = _secrets_of(secret, url)
+    decoded = _scrubbed(decoded, secrets_in)
+    message = _scrubbed(message, secrets_in)
+    request_id = request_id_from(headers)
+    if request_id is not None:
+        request_id = _scrubbed(request_id, secrets_in)
     if method and url:
         route = _route(method, url)
         message = f"{message} ({route})"
@@ -399,7 +434,7 @@ def error_from_response(
         message,
         status_code=status,
         body=decoded,
-        request_id=request_id_from(headers),
+        request_id=request_id,
         retry_after=parse_retry_after(headers, now=now),
     )
 
@@ -409,8 +444,9 @@ def with_context(exc: TogetherError, context: str) -> TogetherError:
     what to do), keeping the status, body, request id and Retry-After."""
     text = f"{context}: {exc}"
     if isinstance(exc, APIStatusError):
+        # Its message, not str(exc): the status and request id are added again by the copy.
         return type(exc)(
-            text,
+            f"{context}: {exc.message}",
             status_code=exc.status_code,
             body=exc.body,
             request_id=exc.request_id,
