@@ -195,3 +195,17 @@ async def test_gather_text_options_are_checked_before_any_upload(
     with pytest.raises(InvalidArgumentError):
         await gather_batches(client, rows, **options)
     assert emulator.stats["POST", "/files"] == 0
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".com", ".".join(["abcdefghij"] * 24) + ".com"])
+def test_base_url_host_that_is_no_dns_name_is_refused(host: str) -> None:
+    """A base URL whose host has a label over 63 characters (or is over 253) is refused."""
+    with pytest.raises(InvalidArgumentError, match="DNS name"):
+        AsyncTogether(api_key=API_KEY, base_url=f"https://{host}/v1")
+
+
+@pytest.mark.parametrize("session", ["not a session", 3, object()])
+def test_session_that_is_no_client_session_is_refused(session: Any) -> None:
+    """AsyncTogether(session=...) that is not an aiohttp.ClientSession is refused at once."""
+    with pytest.raises(InvalidArgumentError, match="session"):
+        AsyncTogether(api_key=API_KEY, session=session)

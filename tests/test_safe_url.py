@@ -427,3 +427,13 @@ async def test_malformed_location_is_an_unsafe_url_error(
         api_port = api.port
     assert "SIGSECRET" not in str(caught.value)
     assert all(address == ("127.0.0.1", api_port) for address in connects)
+
+
+@pytest.mark.parametrize(
+    "host", ["a" * 64 + ".example.com", ".".join(["abcdefghij"] * 24) + ".com", "a..b.com"]
+)
+def test_a_host_that_is_no_dns_name_is_refused(host: str) -> None:
+    """A label over 63 characters, a name over 253 or an empty label is refused as a bad
+    host (the resolver would fail on it with a raw UnicodeError)."""
+    with pytest.raises(UnsafeURLError):
+        check_upload_url(f"https://{host}/put?sig=x", api_base_url="https://api.together.ai/v1")

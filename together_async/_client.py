@@ -46,6 +46,7 @@ from ._transport import (
     Response,
     StreamingResponse,
     Transport,
+    is_session,
     open_session,
 )
 from .batches import Batches
@@ -201,6 +202,10 @@ class AsyncTogether:
         return client
 
     def _setup(self, config: ClientConfig, session: aiohttp.ClientSession | None) -> None:
+        if session is not None and not is_session(session):
+            raise InvalidArgumentError(
+                f"session must be an aiohttp.ClientSession or None, got {type(session).__name__}"
+            )
         self._config = config
         self._api_origin = APIOrigin(config.base_url)
         # Built on first use (the key is checked then); the key only enters a request's

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 
 from ._errors import InvalidArgumentError
+from ._safe_url import is_dns_length
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -59,6 +60,12 @@ def normalise_base_url(url: str) -> str:
         )
     if port == 0:
         raise InvalidArgumentError(f"base_url has port 0, which cannot be connected to: {url!r}")
+    host = parts.hostname
+    if ":" not in host and not is_dns_length(host):
+        raise InvalidArgumentError(
+            f"base_url's host is not a valid DNS name (labels of 1 to 63 characters, 253 in "
+            f"all): {url!r}"
+        )
     if parts.query or parts.fragment:
         raise InvalidArgumentError(f"base_url must not carry a query or fragment: {url!r}")
     path = parts.path.rstrip("/")

@@ -113,6 +113,13 @@ _OCTAL = re.compile(r"0[0-7]+")
 _HEX = re.compile(r"0[xX][0-9A-Fa-f]*")
 
 
+def is_dns_length(host: str) -> bool:
+    """Whether a name fits DNS: labels of 1 to 63 characters, 253 in all. The resolver would
+    refuse a longer one deep in the HTTP stack (an idna UnicodeError), so it is said here."""
+    labels = host.rstrip(".").split(".")
+    return len(host) <= 253 and all(0 < len(label) <= 63 for label in labels)
+
+
 def _authority(url: str) -> str:
     # What sits between "//" and the path, query or fragment, however malformed the URL.
     rest = url.strip()
@@ -239,7 +246,7 @@ def _host_refusal(raw_host: str, *, allow_loopback: bool) -> tuple[Refusal, str]
             return Refusal.BAD_HOST, raw_host
     else:
         host = raw_host.rstrip(".").lower()
-        if not host or not _NAME.fullmatch(host):
+        if not host or not _NAME.fullmatch(host) or not is_dns_length(host):
             return Refusal.BAD_HOST, raw_host
         address = _loose_ipv4(host)
         if address is None:

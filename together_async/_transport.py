@@ -143,6 +143,11 @@ class Response:
         return _plain_headers(self._raw_headers)
 
 
+def is_session(value: object) -> bool:
+    """Whether `value` is an aiohttp session a caller may hand the client."""
+    return isinstance(value, aiohttp.ClientSession)
+
+
 def open_session() -> aiohttp.ClientSession:
     """A session for one client. Call it inside the running event loop.
 
@@ -196,7 +201,8 @@ def _plain_headers(raw: Mapping[str, str]) -> dict[str, str]:
 
 
 #: What aiohttp and the OS raise for a failed exchange (cancellation is not among them).
-_TRANSLATED = (asyncio.TimeoutError, aiohttp.ClientError, OSError)
+# UnicodeError: the resolver's IDNA encoding refusing a host (a label over 63 characters).
+_TRANSLATED = (asyncio.TimeoutError, aiohttp.ClientError, OSError, UnicodeError)
 
 
 def _seconds(value: float) -> str:
