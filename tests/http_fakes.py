@@ -141,11 +141,15 @@ class FakeFiles:
         self.forms.append(form)
         if self.upload_mode == "exists":
             existing = self.add_file(b"{}\n")
+            # The form says nothing of the size, so the fake's file does not claim one either
+            # (a size that differs from the upload's is an error the client reports).
+            del self.files[existing]["bytes"]
             return web.json_response({"file_id": existing}, status=409)
         if self.upload_mode == "missing":
             return web.json_response({"error": "not found"}, status=404)
         file_id = self.add_file(b"", filename=form.get("file_name"), Processed=False)
         if self.upload_mode == "direct":
+            del self.files[file_id]["bytes"]  # as for "exists": the fake cannot know it
             return web.json_response(self.files[file_id])
         location = self.location_override or f"{self.storage_url}/upload/{file_id}?sig=S3CRET"
         return web.Response(

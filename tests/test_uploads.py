@@ -255,3 +255,33 @@ async def test_on_file_id_is_awaited_before_the_bytes_are_sent(emulator: Emulato
         uploaded = await client.files.upload(DATA, on_file_id=remember)
     assert seen == [(uploaded.id, 0)]
     assert emulator.stats["PUT", "/upload/{token}"] == 1
+
+
+def lying_api(answer: str) -> web.Application:
+    """An API whose POST /files names a file that cannot be the one sent: a 409 pointing at
+    a 5-byte file, or a 200 file object of 3 bytes with no upload step."""
+
+    async def create(request: web.Request) -> web.Response:
+        await request.read()
+        if answer == "409":
+            return web.json_response({"file_id": "file-other"}, status=409)
+        return web.json_response({"id": "file-short", "object": "file", "bytes": 3})
+
+    async def retrieve(request: web.Request) -> web.Response:
+        return web.json_response({"id": request.match_info["id"], "object": "file", "bytes": 5})
+
+    app = web.Application()
+    app.router.add_post("/v1/files", create)
+    app.router.add_get("/v1/files/{id}", retrieve)
+    return app
+
+
+@pytest.mark.parametrize("answer", ["409", "200"])
+async def test_an_answer_naming_a_file_of_another_size_is_refused(
+    serve: Serve, make_client: MakeClient, answer: str
+) -> None:
+    """A 409 "already exists" naming a file of another size, or a file object answered with
+    no upload step whose size differs, is APIResponseValidationError, not a success."""
+    client = make_client(await serve(lying_api(answer)))
+    with pytest.raises(APIResponseValidationError, match=f"{len(DATA):,}"):
+        await client.files.upload(DATA)

@@ -392,7 +392,7 @@ class Files:
         if response.status in REDIRECT_STATUSES:
             return await self._presigned(source, response, max_retries, on_file_id)
         if response.status == 409:
-            return await self._existing(response, max_retries)
+            return await self._existing(source, response, max_retries)
         if response.status in (404, 405):
             logger.debug("POST /files answered %d: using POST /files/upload", response.status)
             return await self._multipart(source, purpose, max_retries)
@@ -403,16 +403,16 @@ class Files:
             )
         uploaded = structure(payload, FileObject)
         if uploaded.bytes is not None and uploaded.bytes != source.size:
-            logger.warning(
-                "POST /files answered file %s of %d bytes without an upload step; %s has %d",
-                uploaded.id,
-                uploaded.bytes,
-                source.label,
-                source.size,
+            # No byte was sent, yet the API names a file: it must be this one, whole.
+            raise APIResponseValidationError(
+                f"POST /files answered file {uploaded.id} of {uploaded.bytes:,} bytes without "
+                f"an upload step, but {source.label} has {source.size:,}: not this file"
             )
         return uploaded
 
-    async def _existing(self, response: Response, max_retries: int | None) -> FileObject:
+    async def _existing(
+        self, source: _UploadSource, response: Response, max_retries: int | None
+    ) -> FileObject:
         try:
             payload = decode_json(response.body, what="POST /files (409)")
         except APIResponseValidationError:
@@ -428,7 +428,14 @@ class Files:
                 secret=self._client.config.api_key,
             )
         logger.info("a file with this checksum already exists: reusing %s", file_id)
-        return await self.retrieve(file_id, max_retries=max_retries)
+        existing = await self.retrieve(file_id, max_retries=max_retries)
+        if existing.bytes is not None and existing.bytes != source.size:
+            # Same checksum, other size: not the same bytes, whatever the server says.
+            raise APIResponseValidationError(
+                f"POST /files said file {file_id} already holds these bytes (409), but it has "
+                f"{existing.bytes:,} bytes and {source.label} has {source.size:,}"
+            )
+        return existing
 
     async def _presigned(
         self,
