@@ -217,6 +217,21 @@ async def test_another_applications_database_is_refused_untouched(
     assert emulator.stats.jobs_created == {}
 
 
+async def test_a_run_table_of_another_shape_is_refused_untouched(
+    client: AsyncTogether, tmp_path: Path
+) -> None:
+    """A database whose only table is a `run` of other columns is ManifestMismatchError
+    naming the table; its bytes are unchanged."""
+    state = tmp_path / "app.db"
+    with sqlite3.connect(state) as db:
+        db.execute("CREATE TABLE run (started TEXT)")
+    db.close()
+    before = state.read_bytes()
+    with pytest.raises(ManifestMismatchError, match="has a run table of another shape"):
+        await gather_batches(client, bodies(2), model="m", state_path=state, **FAST)
+    assert state.read_bytes() == before
+
+
 async def test_another_applications_id_is_refused(
     client: AsyncTogether, emulator: Emulator, tmp_path: Path
 ) -> None:

@@ -734,22 +734,33 @@ def _check_ours(connection: sqlite3.Connection, path: Path) -> bool:
             f"{path} is not a together_async state file (it is another application's SQLite "
             f"database, application id {application_id:#x}); use another state_path"
         )
-    if tables and not {"run", "shards"} <= set(tables):
+    # Only some of ours: a crash while the schema was made (its statements commit one by one).
+    if not (set(tables) <= _TABLES.keys() or _TABLES.keys() <= set(tables)):
         listed = ", ".join(tables[:10]) + (", ..." if len(tables) > 10 else "")
         raise ManifestMismatchError(
             f"{path} is not a together_async state file (it holds tables {listed}); "
             "use another state_path"
         )
+    _check_tables(connection, path, [table for table in tables if table in _TABLES])
     return not tables
 
 
-def _check_tables(connection: sqlite3.Connection, path: Path) -> None:
-    columns = {row[1] for row in connection.execute("PRAGMA table_info(shards)")}
-    if not set(_SHARD_NAMES) <= columns:
-        raise ManifestMismatchError(
-            f"{path} has a shards table of another shape; it was not written by this version "
-            "of together_async; use another state_path"
-        )
+_TABLES = {
+    "run": {"id", "format", "fingerprint", "rows", "settings", "created_at"},
+    "shards": set(_SHARD_NAMES),
+}
+
+
+def _check_tables(
+    connection: sqlite3.Connection, path: Path, tables: Sequence[str] = tuple(_TABLES)
+) -> None:
+    for table in tables:
+        columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+        if not _TABLES[table] <= columns:
+            raise ManifestMismatchError(
+                f"{path} has a {table} table of another shape; it was not written by this "
+                "version of together_async; use another state_path"
+            )
 
 
 def _mismatch_message(
