@@ -191,6 +191,12 @@ async def test_missing_path_is_a_clear_error(client: AsyncTogether, tmp_path: Pa
         await client.files.upload(tmp_path / "nope.jsonl")
 
 
+async def test_path_with_a_nul_is_a_clear_error(client: AsyncTogether) -> None:
+    """A path holding a NUL byte raises InvalidArgumentError naming it, not ValueError."""
+    with pytest.raises(InvalidArgumentError, match=r"cannot read 'in\\x00\.jsonl'.*null"):
+        await client.files.upload("in\x00.jsonl")
+
+
 # ---- upload: variants of the server ------------------------------------------------------
 
 

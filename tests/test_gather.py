@@ -23,6 +23,7 @@ from together_async import (
     BatchRequest,
     BatchResult,
     BatchRun,
+    InvalidArgumentError,
     ManifestMismatchError,
     gather_batches,
     stream_batches,
@@ -210,6 +211,15 @@ async def test_every_bad_row_is_reported_before_any_upload(
     assert "requests[2].custom_id: must be a string" in message
     assert "requests[3].body: must be a JSON object, got an array" in message
     assert emulator.stats["POST", "/files"] == 0
+
+
+async def test_a_requests_path_with_a_nul_is_refused(
+    client: AsyncTogether, emulator: Emulator
+) -> None:
+    """A requests path holding a NUL byte is InvalidArgumentError naming it; nothing is sent."""
+    with pytest.raises(InvalidArgumentError, match=r"requests file 'in\\x00\.jsonl'"):
+        await gather_batches(client, "in\x00.jsonl", model="m")
+    assert sum(emulator.stats.requests.values()) == 0
 
 
 async def test_an_empty_input_gives_no_results_and_sends_nothing(

@@ -214,7 +214,14 @@ async def test_done_records_the_follow_up_shard_in_the_same_step(tmp_path: Path)
 async def test_a_shard_gets_at_most_one_follow_up(tmp_path: Path) -> None:
     """A second follow-up for the same parent is refused and the parent's state is unchanged."""
     manifest = await open_begun(tmp_path / "state.sqlite")
-    follow_up = NewShard(input_name="r.jsonl", input_sha256="s", lines=1, bytes=5, attempt=2)
+    follow_up = NewShard(
+        input_name="r.jsonl",
+        input_sha256="s",
+        lines=1,
+        bytes=5,
+        attempt=2,
+        positions=encode_positions([4]),
+    )
     try:
         await manifest.record_done(0, retry_allowed=True, follow_up=follow_up)
         with pytest.raises(sqlite3.IntegrityError):

@@ -107,6 +107,8 @@ class _UploadSource:
                 stat = await anyio.Path(path).stat()
             except OSError as exc:
                 raise InvalidArgumentError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            except ValueError as exc:  # a NUL in the path
+                raise InvalidArgumentError(f"cannot read {str(path)!r}: {exc}") from None
             if not stat_module.S_ISREG(stat.st_mode):
                 raise InvalidArgumentError(f"{path} is not a regular file")
             name = filename or wire_name(path.name)

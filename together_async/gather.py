@@ -38,11 +38,11 @@ are delivered and before the run returns (a break of that promise raises, never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from itertools import islice
@@ -61,6 +61,7 @@ from ._models import BatchEndpoint, BatchJob, BatchResult, Endpoint, EndpointPat
 from ._protocol import require_endpoint, require_text
 from ._reconcile import CreateRequest, claim_hook, may_have_made
 from ._sharding import InputSharder, ShardAccounting, WrittenShard, ids_path
+from ._tempdirs import make_owned_temp_dir
 from .batches import create_request
 from .manifest import Manifest, ShardRecord, ShardStep
 from .progress import observer_for_run
@@ -397,6 +398,8 @@ async def _feed_file(sharder: InputSharder, path: str) -> None:
         file = await anyio.to_thread.run_sync(open, path, "rb")
     except OSError as exc:
         raise InvalidArgumentError(f"cannot read the requests file {path}: {exc}") from exc
+    except ValueError as exc:  # a NUL in the path
+        raise InvalidArgumentError(f"cannot read the requests file {path!r}: {exc}") from None
     try:
         while await anyio.to_thread.run_sync(sharder.add_from_file, file):
             pass
@@ -478,15 +481,31 @@ class _Workspace:
     async def open(cls, state_path: Path | None) -> _Workspace:
         temporary: Path | None = None
         if state_path is None:
-            temporary = Path(await anyio.to_thread.run_sync(tempfile.mkdtemp, None, "together-"))
+            # Named for this process: the next run removes it if this one is killed.
+            temporary = await anyio.to_thread.run_sync(make_owned_temp_dir, "together")
             state_path = temporary / "state.sqlite"
-        created = not await anyio.Path(state_path).exists()
-        manifest = await Manifest.open(state_path)
+        try:
+            created = not await anyio.Path(state_path).exists()
+        except (OSError, ValueError) as exc:
+            raise InvalidArgumentError(f"cannot use the state file {state_path}: {exc}") from None
+        try:
+            manifest = await Manifest.open(state_path)
+        except BaseException:
+            if created:
+                # SQLite may have made the file before failing (e.g. on its journal's name).
+                with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+                    await anyio.Path(state_path).unlink(missing_ok=True)
+            raise
         workspace = cls(manifest, temporary, created)
         try:
             if temporary is None and await manifest.run() is None:
                 await anyio.to_thread.run_sync(workspace._check_no_orphan_files)
-            await anyio.to_thread.run_sync(workspace._make_directories)
+            try:
+                await anyio.to_thread.run_sync(workspace._make_directories)
+            except OSError as exc:
+                raise InvalidArgumentError(
+                    f"cannot make the state's files directory {manifest.directory}: {exc}"
+                ) from None
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await manifest.aclose()
@@ -1163,6 +1182,8 @@ def _check_state_path(value: Any) -> Path | None:
         ) from None
     if not isinstance(text, str) or not text.strip():
         raise InvalidArgumentError(f"state_path must be a non-empty str path, got {value!r}")
+    if "\x00" in text:
+        raise InvalidArgumentError(f"state_path {text!r} holds a NUL byte, which no path can")
     return Path(text)
 
 

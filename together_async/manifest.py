@@ -55,6 +55,9 @@ __all__ = [
 FORMAT_VERSION = 1
 """Bumped when the schema or the meaning of a recorded value changes; old files are refused."""
 
+APPLICATION_ID = 0x54415359
+"""SQLite's application_id of a state file ("TASY"); files of earlier versions have 0."""
+
 T = TypeVar("T")
 
 
@@ -216,6 +219,72 @@ _SHARD_COLUMNS = (
     "output_name, output_bytes, error_name, error_bytes, cancel_requested, retry_allowed, "
     "remote_files_deleted, updated_at"
 )
+_SHARD_NAMES = [column.strip() for column in _SHARD_COLUMNS.split(",")]
+
+
+def _garbled(path: Path, what: str) -> ManifestMismatchError:
+    return ManifestMismatchError(
+        f"{path} is damaged: {what}. It was edited or corrupted outside together_async; "
+        "restore it from a copy to resume, or use another state_path (its jobs are not reused)"
+    )
+
+
+# What each shard column may hold (SQLite keeps any value in any column): (kinds, nullable).
+_INT = (int,)
+_TEXT = (str,)
+_SHARD_KINDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "parent_id": (_INT, True),
+    "attempt": (_INT, False),
+    "input_name": (_TEXT, False),
+    "input_sha256": (_TEXT, False),
+    "lines": (_INT, False),
+    "bytes": (_INT, False),
+    "first_position": (_INT, True),
+    "positions": ((builtins.bytes,), True),
+    "step": (_TEXT, False),
+    "file_id": (_TEXT, True),
+    "batch_id": (_TEXT, True),
+    "job_status": (_TEXT, True),
+    "job_error": (_TEXT, True),
+    "output_file_id": (_TEXT, True),
+    "error_file_id": (_TEXT, True),
+    "output_name": (_TEXT, True),
+    "output_bytes": (_INT, True),
+    "error_name": (_TEXT, True),
+    "error_bytes": (_INT, True),
+    "cancel_requested": (_INT, False),
+    "retry_allowed": (_INT, True),
+    "remote_files_deleted": (_INT, False),
+    "updated_at": ((int, float), False),
+}
+
+
+def _check_shard_row(values: dict[str, Any], shard_id: Any, path: Path) -> None:
+    """Refuse a row whose values this code could not use (as ManifestMismatchError)."""
+    if type(shard_id) is not int:
+        raise _garbled(path, f"a shard's id is {shard_id!r}")
+    for column, (kinds, nullable) in _SHARD_KINDS.items():
+        value = values[column]
+        if value is None and nullable:
+            continue
+        if type(value) not in kinds:
+            raise _garbled(path, f"shard {shard_id}'s {column} is garbled ({value!r:.40})")
+    for column in ("attempt", "lines", "bytes", "first_position", "output_bytes", "error_bytes"):
+        value = values[column]
+        if value is not None and value < (1 if column == "attempt" else 0):
+            raise _garbled(path, f"shard {shard_id}'s {column} is garbled ({value!r})")
+    # The names are joined to the state's files directory: plain file names only.
+    for column in ("input_name", "output_name", "error_name"):
+        name = values[column]
+        if name is not None and (
+            name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\x00"))
+        ):
+            raise _garbled(path, f"shard {shard_id}'s {column} is garbled ({name!r:.40})")
+    positions = values["positions"]
+    if positions is not None and len(positions) != 8 * values["lines"]:
+        raise _garbled(path, f"shard {shard_id}'s positions are garbled")
+    if positions is None and values["first_position"] is None:
+        raise _garbled(path, f"shard {shard_id} has neither a first position nor positions")
 
 
 def _shard_from_row(row: tuple[Any, ...], path: Path) -> ShardRecord:
@@ -225,6 +294,7 @@ def _shard_from_row(row: tuple[Any, ...], path: Path) -> ShardRecord:
         error_file_id, output_name, output_bytes, error_name, error_bytes, cancel_requested,
         retry_allowed, remote_files_deleted, updated_at,
     ) = row  # fmt: skip
+    _check_shard_row(dict(zip(_SHARD_NAMES[1:], row[1:], strict=True)), shard_id, path)
     try:
         shard_step = ShardStep(step)
     except ValueError:
@@ -233,6 +303,13 @@ def _shard_from_row(row: tuple[Any, ...], path: Path) -> ShardRecord:
             "together_async does not know; finish the run with the version that wrote it, "
             "or use another state_path"
         ) from None
+    # What the later steps rely on having been recorded with them.
+    if shard_step in (ShardStep.UPLOADED, ShardStep.CREATING) and not file_id:
+        raise _garbled(path, f"shard {shard_id} is {step} but has no file id")
+    if shard_step is ShardStep.SUBMITTED and not batch_id:
+        raise _garbled(path, f"shard {shard_id} is {step} but has no batch id")
+    if shard_step is ShardStep.DONE and retry_allowed is None:
+        raise _garbled(path, f"shard {shard_id} is {step} but has no retry decision")
     return ShardRecord(
         id=shard_id,
         parent_id=parent_id,
@@ -436,13 +513,25 @@ class Manifest:
         if file_format != FORMAT_VERSION:
             raise ManifestMismatchError(
                 f"{self.path} was written by another version of together_async (state format "
-                f"{file_format}, this version reads {FORMAT_VERSION}); finish that run with the "
-                "version that started it, or use a new state_path"
+                f"{file_format!r}, this version reads {FORMAT_VERSION}); finish that run with "
+                "the version that started it, or use a new state_path"
             )
+        if type(fingerprint) is not str or not fingerprint:
+            raise _garbled(self.path, f"the run's fingerprint is garbled ({fingerprint!r:.40})")
+        if type(rows) is not int or rows < 0:
+            raise _garbled(self.path, f"the run's row count is garbled ({rows!r:.40})")
+        if type(created_at) not in (int, float):
+            raise _garbled(self.path, f"the run's start time is garbled ({created_at!r:.40})")
+        try:
+            decoded = orjson.loads(settings) if isinstance(settings, (str, bytes)) else None
+        except orjson.JSONDecodeError:
+            decoded = None
+        if not isinstance(decoded, dict):
+            raise _garbled(self.path, f"the run's settings are garbled ({settings!r:.40})")
         return RunRecord(
             fingerprint=fingerprint,
             rows=rows,
-            settings=orjson.loads(settings),
+            settings=decoded,
             created_at=created_at,
         )
 
@@ -570,7 +659,11 @@ def _insert_shard(
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL
+        raise InvalidArgumentError(f"cannot use the state file {str(path)!r}: {exc}") from None
+    if is_dir:
         raise InvalidArgumentError(
             f"state_path {path} is a directory; give a file path, e.g. {path / 'run.sqlite'}"
         )
@@ -586,10 +679,15 @@ def _connect(path: Path) -> sqlite3.Connection:
         raise InvalidArgumentError(f"cannot open the state file {path}: {exc}") from None
     try:
         connection.execute("PRAGMA locking_mode = EXCLUSIVE")
+        # Before anything writes (even the journal mode, kept in the file's header): another
+        # application's database is refused untouched.
+        fresh = _check_ours(connection, path)
         connection.execute("PRAGMA journal_mode = WAL")
         connection.execute("PRAGMA synchronous = NORMAL")
         # Taking the write lock now (held until close, by locking_mode) refuses a second run.
         connection.execute("BEGIN IMMEDIATE")
+        if fresh:
+            connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         connection.executescript(_SCHEMA)  # commits
         _check_tables(connection, path)
     except sqlite3.DatabaseError as exc:
@@ -621,14 +719,48 @@ def _cannot_write(exc: sqlite3.DatabaseError) -> bool:
     )
 
 
-def _check_tables(connection: sqlite3.Connection, path: Path) -> None:
-    columns = {row[1] for row in connection.execute("PRAGMA table_info(shards)")}
-    expected = {column.strip() for column in _SHARD_COLUMNS.split(",")}
-    if not expected <= columns:
-        raise ManifestMismatchError(
-            f"{path} has a shards table of another shape; it was not written by this version "
-            "of together_async; use another state_path"
+def _check_ours(connection: sqlite3.Connection, path: Path) -> bool:
+    """True for an empty database (ours to create); raise for another application's."""
+    (application_id,) = connection.execute("PRAGMA application_id").fetchone()
+    tables = sorted(
+        name
+        for (name,) in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
         )
+    )
+    # Files of versions before the application id have 0 there, and our tables.
+    if application_id not in (0, APPLICATION_ID):
+        raise ManifestMismatchError(
+            f"{path} is not a together_async state file (it is another application's SQLite "
+            f"database, application id {application_id:#x}); use another state_path"
+        )
+    # Only some of ours: a crash while the schema was made (its statements commit one by one).
+    if not (set(tables) <= _TABLES.keys() or _TABLES.keys() <= set(tables)):
+        listed = ", ".join(tables[:10]) + (", ..." if len(tables) > 10 else "")
+        raise ManifestMismatchError(
+            f"{path} is not a together_async state file (it holds tables {listed}); "
+            "use another state_path"
+        )
+    _check_tables(connection, path, [table for table in tables if table in _TABLES])
+    return not tables
+
+
+_TABLES = {
+    "run": {"id", "format", "fingerprint", "rows", "settings", "created_at"},
+    "shards": set(_SHARD_NAMES),
+}
+
+
+def _check_tables(
+    connection: sqlite3.Connection, path: Path, tables: Sequence[str] = tuple(_TABLES)
+) -> None:
+    for table in tables:
+        columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+        if not _TABLES[table] <= columns:
+            raise ManifestMismatchError(
+                f"{path} has a {table} table of another shape; it was not written by this "
+                "version of together_async; use another state_path"
+            )
 
 
 def _mismatch_message(

@@ -15,13 +15,13 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
 from aiohttp import web
 
+from .._tempdirs import make_owned_temp_dir
 from .app import AppContext, EmulatorStats, build_api_app, build_storage_app
 from .engines import Engine, make_engine
 from .faults import Fault, FaultInjector, FaultKind
@@ -215,9 +215,8 @@ class Emulator:
 
     async def _start(self) -> None:
         if self._requested_data_dir is None:
-            self._temp_dir = Path(
-                await asyncio.to_thread(tempfile.mkdtemp, prefix="together-emulator-")
-            )
+            # Named for this process: the next emulator removes it if this one is killed.
+            self._temp_dir = await asyncio.to_thread(make_owned_temp_dir, "together-emulator")
             self._data_dir = self._temp_dir
             # An emulator never closed (a notebook's, say) leaves no directory behind when the
             # interpreter exits. Only at exit: a collected but still running emulator's jobs
