@@ -174,3 +174,54 @@ async def test_a_killed_runs_temp_dirs_are_removed_by_the_next_run(
     async with Emulator():
         pass
     assert os.listdir(temp_root) == []
+
+
+def test_a_locked_directory_is_kept_whatever_its_pid_says(tmp_path: Path) -> None:
+    """A directory whose name has a dead pid but whose lock a live process holds (its owner
+    in another PID namespace sharing /tmp) is kept; once the lock is let go it is removed."""
+    leftover = tmp_path / f"together-{a_dead_pid()}-abc123"
+    leftover.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable, "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+            str(leftover / ".owner.lock"),
+        ],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert remove_dead_temp_dirs(tmp_path, "together") == []
+        assert leftover.is_dir()
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+        holder.stdout.close()  # type: ignore[union-attr]
+    assert remove_dead_temp_dirs(tmp_path, "together") == [leftover]
+
+
+def test_an_owned_directory_is_locked_until_removed(tmp_path: Path, monkeypatch: Any) -> None:
+    """make_owned_temp_dir holds the lock; remove_owned_temp_dir removes and lets go."""
+    from together_async._tempdirs import (
+        _locked_by_another,
+        make_owned_temp_dir,
+        remove_owned_temp_dir,
+    )
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    made = make_owned_temp_dir("together")
+    probe = subprocess.run(
+        [
+            sys.executable, "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"
+            "try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "except OSError: print('held')\nelse: print('free')",
+            str(made / ".owner.lock"),
+        ],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert probe.stdout.strip() == "held"
+    remove_owned_temp_dir(made)
+    assert not made.exists() and not _locked_by_another(made)

@@ -3,12 +3,15 @@
 A run without a state file (gather_batches) and an Emulator without a data directory work in a
 temporary directory that they remove when they end. A process killed with SIGKILL cannot, so
 each name carries its owner's pid (`<prefix>-<pid>-<random>`) and making a new one removes those
-of the same prefix, in the same temporary root, whose pid is gone. Blocking: call
-make_owned_temp_dir in a worker thread.
+of the same prefix, in the same temporary root, whose pid is gone. The owner also holds an
+exclusive lock on a file inside (released by the kernel when the process dies), and the sweep
+leaves a directory whose lock it cannot take: a pid says nothing across PID namespaces that
+share one /tmp (containers), a lock does. Blocking: call these in a worker thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -16,16 +19,73 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["make_owned_temp_dir", "remove_dead_temp_dirs"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: the sweep is skipped there anyway
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "make_owned_temp_dir",
+    "release_temp_dir",
+    "remove_dead_temp_dirs",
+    "remove_owned_temp_dir",
+]
+
+_LOCK_NAME = ".owner.lock"
+# The lock files this process holds, by directory: closing one releases its lock.
+_HELD: dict[Path, int] = {}
 
 logger = logging.getLogger("together_async.tempdirs")
 
 
 def make_owned_temp_dir(prefix: str) -> Path:
-    """Make `<tmp>/<prefix>-<pid>-XXXXXXXX`, first removing those of dead processes."""
+    """Make `<tmp>/<prefix>-<pid>-XXXXXXXX`, locked as this process's, first removing those
+    of dead processes. Call `release_temp_dir` once it is removed."""
     root = tempfile.gettempdir()
     remove_dead_temp_dirs(root, prefix)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=root))
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=root))
+    if fcntl is not None:
+        fd = os.open(path / _LOCK_NAME, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # a file system without locks: the pid alone tells
+        else:
+            _HELD[path] = fd
+    return path
+
+
+def release_temp_dir(path: Path) -> None:
+    """Let go of the lock on a directory made by `make_owned_temp_dir` (safe to call twice)."""
+    fd = _HELD.pop(path, None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def remove_owned_temp_dir(path: Path) -> None:
+    """Remove a directory made by `make_owned_temp_dir`, then let go of its lock."""
+    shutil.rmtree(path, ignore_errors=True)
+    release_temp_dir(path)
+
+
+def _locked_by_another(path: Path) -> bool:
+    """Whether a live process holds the directory's lock (its owner, in any PID namespace)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path / _LOCK_NAME, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False  # made by a version without locks, or before it was locked: pid decides
+    except OSError:
+        return True  # cannot look: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def remove_dead_temp_dirs(root: str | os.PathLike[str], prefix: str) -> list[Path]:
@@ -58,9 +118,9 @@ def remove_dead_temp_dirs(root: str | os.PathLike[str], prefix: str) -> list[Pat
         except OSError:
             continue
         pid = int(match.group(1))
-        if pid == os.getpid() or _maybe_alive(pid):
-            continue
         path = Path(entry.path)
+        if pid == os.getpid() or _maybe_alive(pid) or _locked_by_another(path):
+            continue
         # rmtree refuses a symlink (swapped in since the check) and removes nothing through it.
         shutil.rmtree(path, ignore_errors=True)
         if os.path.lexists(path):

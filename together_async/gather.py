@@ -61,7 +61,7 @@ from ._models import BatchEndpoint, BatchJob, BatchResult, Endpoint, EndpointPat
 from ._protocol import require_endpoint, require_text
 from ._reconcile import CreateRequest, claim_hook, may_have_made
 from ._sharding import InputSharder, ShardAccounting, WrittenShard, ids_path
-from ._tempdirs import make_owned_temp_dir
+from ._tempdirs import make_owned_temp_dir, remove_owned_temp_dir
 from .batches import create_request
 from .manifest import Manifest, ShardRecord, ShardStep
 from .progress import observer_for_run
@@ -491,10 +491,13 @@ class _Workspace:
         try:
             manifest = await Manifest.open(state_path)
         except BaseException:
-            if created:
-                # SQLite may have made the file before failing (e.g. on its journal's name).
-                with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
-                    await anyio.Path(state_path).unlink(missing_ok=True)
+            with anyio.CancelScope(shield=True):
+                if temporary is not None:
+                    await anyio.to_thread.run_sync(remove_owned_temp_dir, temporary)
+                elif created:
+                    # SQLite may have made the file before failing (e.g. on its journal's name).
+                    with contextlib.suppress(OSError):
+                        await anyio.Path(state_path).unlink(missing_ok=True)
             raise
         workspace = cls(manifest, temporary, created)
         try:
@@ -603,7 +606,7 @@ class _Workspace:
     def _clean_up(self, nothing_recorded: bool) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
         if self.temporary is not None:
-            shutil.rmtree(self.temporary, ignore_errors=True)
+            remove_owned_temp_dir(self.temporary)
         elif nothing_recorded and self.created:
             # The input was refused before the run began: leave no empty state behind.
             self.manifest.path.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from types import TracebackType
 
 from aiohttp import web
 
-from .._tempdirs import make_owned_temp_dir
+from .._tempdirs import make_owned_temp_dir, remove_owned_temp_dir
 from .app import AppContext, EmulatorStats, build_api_app, build_storage_app
 from .engines import Engine, make_engine
 from .faults import Fault, FaultInjector, FaultKind
@@ -281,7 +281,7 @@ class Emulator:
         if self._storage is not None:
             await self._storage.close()
         if self._temp_dir is not None:
-            await asyncio.to_thread(shutil.rmtree, self._temp_dir, True)
+            await asyncio.to_thread(remove_owned_temp_dir, self._temp_dir)
             if self._remove_at_exit is not None:
                 atexit.unregister(self._remove_at_exit)
                 self._remove_at_exit = None
