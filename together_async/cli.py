@@ -27,7 +27,7 @@ import anyio.to_thread
 import orjson
 
 from . import __version__
-from ._cli_results import render_summary, write_result_rows
+from ._cli_results import STDOUT, render_summary, write_result_rows
 from ._cli_run import (
     EMULATOR_LATENCY,
     RunInterrupted,
@@ -237,7 +237,7 @@ def _add_run_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         type=_file_path,
         required=True,
         metavar="RESULTS.jsonl",
-        help="where to write the results",
+        help="where to write the results ('-': stdout, and the summary goes to stderr)",
     )
     run.add_argument(
         "--endpoint",
@@ -938,7 +938,11 @@ async def _cmd_run(args: argparse.Namespace) -> int:
         text = orjson.dumps(summary.as_json(), option=orjson.OPT_INDENT_2).decode()
     else:
         text = render_summary(summary)
-    await _write_stdout(text + "\n")
+    # With `-o -` stdout carries the results and nothing else, so `| jq` reads only rows.
+    if args.output == STDOUT:
+        await _write_stderr(text + "\n")
+    else:
+        await _write_stdout(text + "\n")
     return EXIT_OK if summary.rows_failed == 0 else EXIT_FAILED
 
 
