@@ -222,8 +222,10 @@ def _add_run_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         description=(
             "Validate INPUT, split it into batch jobs, upload and start them, watch them, and\n"
             "write one result per input line, in input order, to RESULTS. Failed rows also go\n"
-            "to RESULTS with .errors.jsonl in place of .jsonl. Ctrl-C cancels the jobs, unless\n"
-            "--state is given: then they keep running and the same command resumes the run."
+            "to RESULTS with .errors.jsonl in place of .jsonl; a FIFO, a device or - (stdout)\n"
+            "is written into directly, failed rows included, with no errors file. Ctrl-C\n"
+            "cancels the jobs, unless --state is given: then they keep running and the same\n"
+            "command resumes the run."
         ),
         examples=[
             "together-async run examples/summarise-1000.jsonl --emulator -o results.jsonl",
