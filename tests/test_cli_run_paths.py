@@ -14,13 +14,15 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from together_async._cli_results import OutputTarget, remove_stale_staging
+from together_async._cli_results import OutputTarget, remove_stale_staging, write_result_rows
+from together_async._models import BatchResult
 from together_async.cli import run_cli
 
 MODEL = "meta-llama/Llama-3.2-3B-Instruct-Turbo"
@@ -522,3 +524,43 @@ def test_run_to_stdout_whose_reader_leaves_exits_quietly(tmp_path: Path) -> None
         _, stderr = process.communicate(timeout=120)
     assert process.returncode == 141
     assert "error" not in stderr
+
+
+# ---- `batches results -o`: the same rules, for rows written in the order they come ----------
+
+
+def names_in(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir())
+
+
+async def some_results() -> AsyncIterator[BatchResult]:
+    yield BatchResult(custom_id="a", status_code=200, body={"n": 1})
+    yield BatchResult(custom_id="b", status_code=400, error_message="bad", error_code="x")
+
+
+async def test_result_rows_into_a_fifo_are_written_into_it(tmp_path: Path) -> None:
+    """`batches results -o FIFO` writes the rows into the FIFO, which stays one."""
+    with FifoReader(tmp_path / "out.fifo") as reader:
+        counts = await write_result_rows(some_results(), tmp_path / "out.fifo")
+    assert (counts.total, counts.failed) == (2, 1)
+    assert_result_lines(reader.data, ["a", "b"])
+    assert names_in(tmp_path) == ["out.fifo"]
+
+
+async def test_result_rows_through_a_symlink_replace_its_target(tmp_path: Path) -> None:
+    """`batches results -o LINK` writes the file the link names; the link stays."""
+    (tmp_path / "target.jsonl").write_text("old\n")
+    (tmp_path / "link.jsonl").symlink_to("target.jsonl")
+    await write_result_rows(some_results(), tmp_path / "link.jsonl")
+    assert (tmp_path / "link.jsonl").is_symlink()
+    assert_result_lines((tmp_path / "target.jsonl").read_bytes(), ["a", "b"])
+
+
+async def test_result_rows_to_dash_go_to_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """`batches results -o -` is stdout, not a file named `-`."""
+    monkeypatch.chdir(tmp_path)
+    await write_result_rows(some_results(), Path("-"))
+    assert_result_lines(capsysbinary.readouterr().out, ["a", "b"])
+    assert names_in(tmp_path) == []

@@ -10,6 +10,7 @@ over it would put a regular file in its place.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -557,35 +558,49 @@ class InputOrderWriter:
             target, error = failure
             if target.is_stdout and isinstance(error, BrokenPipeError):
                 raise error
-            if isinstance(error, BrokenPipeError):
-                reason = "its reader closed it before all results were written"
-            else:
-                reason = error.strerror or str(error)
-            raise TogetherError(f"writing {target.describe()}: {reason}")
+            raise TogetherError(f"writing {target.describe()}: {_write_failure(error)}")
 
 
 async def write_result_rows(results: AsyncIterable[BatchResult], output: Path | None) -> RowCounts:
-    """Write the results as result rows, in the order given, to a file or (None) to stdout.
+    """Write the results as result rows, in the order given, to a file or (None, `-`) stdout.
 
-    A file is renamed into place only once complete; stdout gets blocks of about 64 KiB.
+    A file is renamed into place only once complete (through a symlink to its file); a FIFO
+    or a device is written into directly, as stdout is, in blocks of about 64 KiB.
     """
     total = failed = 0
     errors = ErrorTally()
-    staged = None if output is None else _StagedFile(output)
-    stdout = anyio.wrap_file(sys.stdout.buffer) if staged is None else None
+    target = None
+    if output is not None and output != STDOUT:
+        target = await anyio.to_thread.run_sync(OutputTarget.locate, output)
+    staged = None if target is None or target.direct else _StagedFile(target.path)
+    direct: Any = None  # an anyio file over the FIFO or device, closed here
+    stream: Any = None if staged is not None else anyio.wrap_file(sys.stdout.buffer)
     pending: list[bytes] = []
     pending_bytes = 0
 
     async def flush() -> None:
         nonlocal pending, pending_bytes
-        if pending and stdout is not None:
-            await stdout.write(b"".join(pending))
-            await stdout.flush()
+        if not pending or stream is None:
+            return
+        data = b"".join(pending)
         pending, pending_bytes = [], 0
+        failure: OSError | None = None
+        try:
+            await stream.write(data)
+            await stream.flush()
+        except OSError as exc:
+            if direct is None:
+                raise  # stdout: a reader gone is the quiet end of a pipeline
+            failure = exc
+        if failure is not None:
+            # Outside the handler: no broken pipe as context, which would read as stdout's.
+            raise TogetherError(f"writing {output}: {_write_failure(failure)}")
 
     try:
         if staged is not None:
             await staged.open()
+        elif target is not None:
+            direct = stream = anyio.wrap_file(await _open_direct(target.path))
         async for result in results:
             row = result_row(result)
             total += 1
@@ -608,9 +623,20 @@ async def write_result_rows(results: AsyncIterable[BatchResult], output: Path | 
         if staged is not None:
             await staged.discard()
         raise
+    finally:
+        if direct is not None:
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(OSError):
+                    await direct.aclose()
     return RowCounts(
         total=total, ok=total - failed, failed=failed, most_common_error=errors.most_common()
     )
+
+
+def _write_failure(error: OSError) -> str:
+    if isinstance(error, BrokenPipeError):
+        return "its reader closed it before all results were written"
+    return error.strerror or str(error)
 
 
 @attrs.frozen(kw_only=True)

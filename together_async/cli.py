@@ -554,7 +554,7 @@ def _add_batches_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     results.add_argument("batch_id", metavar="BATCH_ID", help=batch_id_help)
     results.add_argument(
-        "-o", "--output", type=Path, metavar="PATH", help="write here (default: stdout)"
+        "-o", "--output", type=Path, metavar="PATH", help="write here ('-' or default: stdout)"
     )
     results.set_defaults(handler=_cmd_batches_results)
 
