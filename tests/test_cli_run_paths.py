@@ -22,8 +22,9 @@ import orjson
 import pytest
 
 from together_async._cli_results import OutputTarget, remove_stale_staging, write_result_rows
+from together_async._cli_run import interrupted_message
 from together_async._models import BatchResult
-from together_async.cli import run_cli
+from together_async.cli import build_parser, run_cli
 
 MODEL = "meta-llama/Llama-3.2-3B-Instruct-Turbo"
 
@@ -564,3 +565,21 @@ async def test_result_rows_to_dash_go_to_stdout(
     await write_result_rows(some_results(), Path("-"))
     assert_result_lines(capsysbinary.readouterr().out, ["a", "b"])
     assert names_in(tmp_path) == []
+
+
+def test_an_errors_file_that_is_a_fifo_gets_the_failed_rows(tmp_path: Path) -> None:
+    """`out.errors.jsonl` a FIFO: the failed rows go into it; results land in out.jsonl."""
+    source = tmp_path / "in.jsonl"
+    ids = write_mixed_requests(source, 4, bad_rows=(2,))
+    with FifoReader(tmp_path / "out.errors.jsonl") as reader:
+        assert run_cli(["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--emulator"]) == 1
+    assert_result_lines(reader.data, ["r2"])
+    assert_result_lines((tmp_path / "out.jsonl").read_bytes(), ids)
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "out.errors.jsonl").st_mode)
+
+
+def test_ctrl_c_with_stdout_output_suggests_a_state_beside_the_input() -> None:
+    """`-o -` has no directory to put a state file in: the hint puts it beside the input."""
+    args = build_parser().parse_args(["run", "data/in.jsonl", "-o", "-", "--emulator"])
+    message = interrupted_message(args, 1, output_is_file=False)
+    assert "--state data/in.jsonl.state" in message and "-.state" not in message
