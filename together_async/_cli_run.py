@@ -14,6 +14,7 @@ import os
 import secrets
 import shlex
 import shutil
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
@@ -24,7 +25,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from ._cli_results import InputOrderWriter, RunSummary, errors_path_for
+from ._cli_results import STDOUT, InputOrderWriter, OutputTarget, RunSummary, errors_path_for
 from ._client import AsyncTogether
 from ._errors import APIConnectionError, APITimeoutError, InvalidArgumentError
 from ._models import BatchEndpoint, BatchJob
@@ -124,13 +125,22 @@ async def run_batch_file(
         options["max_attempts"] = args.max_attempts
     if not await anyio.Path(args.input).is_file():
         raise FileNotFoundError(errno.ENOENT, "no such file", str(args.input))
-    if not await anyio.Path(args.output).parent.is_dir():
+    output = await anyio.to_thread.run_sync(OutputTarget.locate, args.output)
+    if not output.direct and not await anyio.Path(output.path.parent).is_dir():
         raise FileNotFoundError(errno.ENOENT, "no such directory", str(args.output.parent))
-    errors_output = errors_path_for(args.output)
+    # Beside a FIFO or a device there is no file to hold only the failed rows: they are in
+    # the results stream, and the summary says so.
+    errors_name = None if output.direct else errors_path_for(args.output)
     await anyio.to_thread.run_sync(
-        check_run_paths, args.input, args.output, errors_output, args.state, args.emulator
+        check_run_paths, args.input, args.output, errors_name, args.state, args.emulator
     )
-    writer = InputOrderWriter(args.output, errors_output)
+    errors_output = (
+        None
+        if errors_name is None
+        else await anyio.to_thread.run_sync(OutputTarget.locate, errors_name)
+    )
+    spool_dir = None if args.state is None else args.state.absolute().parent
+    writer = InputOrderWriter(output, errors_output, spool_dir=spool_dir)
     run: BatchRun | None = None
     try:
         await writer.open()
@@ -146,7 +156,9 @@ async def run_batch_file(
     except asyncio.CancelledError:
         await writer.discard()
         jobs = 0 if run is None else run.summary.jobs
-        raise RunInterrupted(interrupted_message(args, jobs)) from None
+        raise RunInterrupted(
+            interrupted_message(args, jobs, output_is_file=not output.direct)
+        ) from None
     except BaseException:
         await writer.discard()
         raise
@@ -154,7 +166,7 @@ async def run_batch_file(
     return RunSummary(
         input=args.input,
         output=args.output,
-        errors_output=errors_output,
+        errors_output=errors_name,
         endpoint=endpoint,
         jobs=final.jobs,
         shards=final.shards,
@@ -174,16 +186,19 @@ async def run_batch_file(
 
 
 def check_run_paths(
-    input: Path, output: Path, errors_output: Path, state: Path | None, emulator: bool
+    input: Path, output: Path, errors_output: Path | None, state: Path | None, emulator: bool
 ) -> None:
     """Refuse, before any work, outputs that would overwrite the input or the run's state.
 
     Compared as resolved paths (symlinks followed) and by inode where both exist, so
-    `run x.jsonl -o ./x.jsonl` or a hard link to the input is caught too. Blocking: call it
-    in a worker thread.
+    `run x.jsonl -o ./x.jsonl` or a hard link to the input is caught too; `-o -` is compared
+    by what stdout is (`run x.jsonl -o - >> x.jsonl`). errors_output is None when no errors
+    file is written. Blocking: call it in a worker thread.
     """
 
     def same(a: Path, b: Path) -> bool:
+        if a == STDOUT:
+            return _stdout_is(b)
         if a.resolve() == b.resolve():
             return True
         try:
@@ -192,17 +207,21 @@ def check_run_paths(
             return False
 
     def inside(path: Path, directory: Path) -> bool:
-        return path.resolve().is_relative_to(directory.resolve())
+        return path != STDOUT and path.resolve().is_relative_to(directory.resolve())
 
-    for target, option in ((output, "-o/--output"), (errors_output, "the errors file")):
-        if target.is_dir():
+    targets = [(output, "-o/--output")]
+    if errors_output is not None:
+        targets.append((errors_output, "the errors file"))
+    for target, option in targets:
+        if target != STDOUT and target.is_dir():
             raise InvalidArgumentError(
                 f"{option} {target} is a directory: give a file path, e.g. "
                 f"{target / 'results.jsonl'}"
             )
         if same(target, input):
+            what = "stdout" if target == STDOUT else target
             raise InvalidArgumentError(
-                f"{option} {target} is the input file: the results would overwrite it; "
+                f"{option} {what} is the input file: the results would overwrite it; "
                 "choose another output path"
             )
         if state is None:
@@ -224,6 +243,19 @@ def check_run_paths(
         raise InvalidArgumentError(
             f"--state {state} is the input file: choose another path for the run's state"
         )
+
+
+def _stdout_is(path: Path) -> bool:
+    """Whether stdout is redirected to the regular file at `path` (`-o - >> path`)."""
+    try:
+        ours = os.fstat(sys.stdout.fileno())
+        theirs = os.stat(path)
+    except (AttributeError, OSError, ValueError):
+        return False  # no descriptor (captured in tests), or no such file
+    return stat.S_ISREG(ours.st_mode) and (ours.st_dev, ours.st_ino) == (
+        theirs.st_dev,
+        theirs.st_ino,
+    )
 
 
 async def _collect(run: BatchRun, writer: InputOrderWriter) -> None:
@@ -262,12 +294,17 @@ def resume_command(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
-def interrupted_message(args: argparse.Namespace, jobs: int) -> str:
-    """What to tell the user after Ctrl-C: what became of the jobs, and how to go on."""
+def interrupted_message(args: argparse.Namespace, jobs: int, *, output_is_file: bool = True) -> str:
+    """What to tell the user after Ctrl-C: what became of the jobs, and how to go on.
+
+    The --state suggested sits beside the output, or beside the input when the output is not
+    a file to put one beside (stdout, a FIFO, a device).
+    """
     one = jobs == 1
     started = f"{jobs} batch job" + ("" if one else "s")
     if args.state is None:
-        suggestion = args.output.with_name(args.output.name + ".state")
+        beside = args.output if output_is_file else args.input
+        suggestion = beside.with_name(beside.name + ".state")
         again = argparse.Namespace(**{**vars(args), "state": suggestion})
         return (
             f"interrupted: the {started} this run created "

@@ -27,7 +27,7 @@ import anyio.to_thread
 import orjson
 
 from . import __version__
-from ._cli_results import render_summary, write_result_rows
+from ._cli_results import STDOUT, render_summary, write_result_rows
 from ._cli_run import (
     EMULATOR_LATENCY,
     RunInterrupted,
@@ -222,8 +222,10 @@ def _add_run_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         description=(
             "Validate INPUT, split it into batch jobs, upload and start them, watch them, and\n"
             "write one result per input line, in input order, to RESULTS. Failed rows also go\n"
-            "to RESULTS with .errors.jsonl in place of .jsonl. Ctrl-C cancels the jobs, unless\n"
-            "--state is given: then they keep running and the same command resumes the run."
+            "to RESULTS with .errors.jsonl in place of .jsonl; a FIFO, a device or - (stdout)\n"
+            "is written into directly, failed rows included, with no errors file. Ctrl-C\n"
+            "cancels the jobs, unless --state is given: then they keep running and the same\n"
+            "command resumes the run."
         ),
         examples=[
             "together-async run examples/summarise-1000.jsonl --emulator -o results.jsonl",
@@ -237,7 +239,7 @@ def _add_run_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         type=_file_path,
         required=True,
         metavar="RESULTS.jsonl",
-        help="where to write the results",
+        help="where to write the results ('-': stdout, and the summary goes to stderr)",
     )
     run.add_argument(
         "--endpoint",
@@ -552,7 +554,7 @@ def _add_batches_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     results.add_argument("batch_id", metavar="BATCH_ID", help=batch_id_help)
     results.add_argument(
-        "-o", "--output", type=Path, metavar="PATH", help="write here (default: stdout)"
+        "-o", "--output", type=Path, metavar="PATH", help="write here ('-' or default: stdout)"
     )
     results.set_defaults(handler=_cmd_batches_results)
 
@@ -938,7 +940,11 @@ async def _cmd_run(args: argparse.Namespace) -> int:
         text = orjson.dumps(summary.as_json(), option=orjson.OPT_INDENT_2).decode()
     else:
         text = render_summary(summary)
-    await _write_stdout(text + "\n")
+    # With `-o -` stdout carries the results and nothing else, so `| jq` reads only rows.
+    if args.output == STDOUT:
+        await _write_stderr(text + "\n")
+    else:
+        await _write_stdout(text + "\n")
     return EXIT_OK if summary.rows_failed == 0 else EXIT_FAILED
 
 
