@@ -6,19 +6,15 @@ calls of `run_cli` for the quick sub-commands and unit tests of the output helpe
 from __future__ import annotations
 
 import argparse
-import fcntl
 import io
 import json
 import os
-import pty
 import queue
 import re
 import shlex
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import threading
 import time
 import urllib.request
@@ -27,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from terminal import cli_on_terminal
 
 from together_async import BatchResult
 from together_async._cli_results import (
@@ -802,67 +799,21 @@ def test_run_display_draws_from_a_worker_thread() -> None:
 def test_run_on_a_terminal_shows_live_progress(tmp_path: Path) -> None:
     """With stderr on a terminal, `run` draws a progress line there; stdout keeps the summary."""
     write_requests(tmp_path / "in.jsonl", 200)
-    controller, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "together_async", "run", "in.jsonl", "-o", "out.jsonl",
-            "--emulator", "--emulator-latency", "0.05",
-        ],
-        cwd=tmp_path, env=_clean_env(), stdout=subprocess.PIPE, stderr=terminal, text=True,
+    run = cli_on_terminal(
+        "run", "in.jsonl", "-o", "out.jsonl", "--emulator", "--emulator-latency", "0.05",
+        cwd=tmp_path, env=_clean_env(), columns=120, rows=40, timeout=RUN_TIMEOUT,
     )  # fmt: skip
-    os.close(terminal)
-    drawn = bytearray()
-
-    def drain() -> None:
-        while True:
-            try:
-                chunk = os.read(controller, 4096)
-            except OSError:  # the terminal's other end closed
-                return
-            if not chunk:
-                return
-            drawn.extend(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    stdout, _ = process.communicate(timeout=RUN_TIMEOUT)
-    reader.join(timeout=10)
-    os.close(controller)
-    assert process.returncode == 0
-    assert "100% " in drawn.decode(errors="replace")
-    assert "200/200 rows | jobs 1/1 done" in drawn.decode(errors="replace")
-    assert stdout.startswith("Done: 200 requests")
+    assert run.returncode == 0
+    assert "100% " in run.shown
+    assert "200/200 rows | jobs 1/1 done" in run.shown
+    assert run.stdout.startswith("Done: 200 requests")
 
 
 def on_terminal(*args: str, cwd: Path) -> tuple[int, str]:
-    """Run the CLI with stderr on a pseudo-terminal (80x24); its exit code and what the
+    """Run the CLI with stderr on an 80x24 pseudo-terminal; its exit code and what the
     terminal showed."""
-    controller, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "together_async", *args],
-        cwd=cwd, env=_clean_env(), stdout=subprocess.PIPE, stderr=terminal, text=True,
-    )  # fmt: skip
-    os.close(terminal)
-    drawn = bytearray()
-
-    def drain() -> None:
-        while True:
-            try:
-                chunk = os.read(controller, 4096)
-            except OSError:  # the terminal's other end closed
-                return
-            if not chunk:
-                return
-            drawn.extend(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    process.communicate(timeout=RUN_TIMEOUT)
-    reader.join(timeout=10)
-    os.close(controller)
-    return process.returncode, drawn.decode(errors="replace")
+    run = cli_on_terminal(*args, cwd=cwd, env=_clean_env(), timeout=RUN_TIMEOUT)
+    return run.returncode, run.shown
 
 
 def error_line(text: str) -> str:

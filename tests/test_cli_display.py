@@ -3,20 +3,14 @@ line never wraps and never cuts a word; at 120, 80 and 40 columns, and in a pseu
 
 from __future__ import annotations
 
-import fcntl
 import io
 import json
 import os
-import pty
 import re
-import struct
-import subprocess
-import sys
-import termios
-import threading
 from pathlib import Path
 
 import pytest
+from terminal import cli_on_terminal
 
 from together_async import BatchJob, BatchJobStatus
 from together_async._cli_run import RunDisplay
@@ -110,33 +104,12 @@ def run_on_terminal(tmp_path: Path, columns: int) -> tuple[int, str]:
         for index in range(200):
             body = {"model": "m", "messages": [{"role": "user", "content": f"q{index}"}]}
             file.write(json.dumps({"custom_id": f"r{index}", "body": body}) + "\n")
-    controller, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOGETHER_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "together_async", "run", "in.jsonl", "-o", "out.jsonl",
-         "--emulator", "--emulator-latency", "0.2", "--max-requests-per-batch", "50"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=terminal,
+    run = cli_on_terminal(
+        "run", "in.jsonl", "-o", "out.jsonl", "--emulator", "--emulator-latency", "0.2",
+        "--max-requests-per-batch", "50", cwd=tmp_path, env=env, columns=columns,
     )  # fmt: skip
-    os.close(terminal)
-    drawn = bytearray()
-
-    def drain() -> None:
-        while True:
-            try:
-                chunk = os.read(controller, 4096)
-            except OSError:  # the terminal's other end closed
-                return
-            if not chunk:
-                return
-            drawn.extend(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    code = process.wait(timeout=120)
-    reader.join(timeout=10)
-    os.close(controller)
-    return code, drawn.decode(errors="replace")
+    return run.returncode, run.shown
 
 
 @pytest.mark.parametrize("columns", [80, 40])
