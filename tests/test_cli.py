@@ -909,3 +909,17 @@ def test_render_summary_names_the_files() -> None:
     assert "10 requests in 2 batch jobs, 2.5 s" in text
     assert "failed:       1" in text and "150 (100 prompt + 50 completion)" in text
     assert "out.errors.jsonl" in text
+
+
+def test_ctrl_c_while_starting_up_exits_130_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C before the command runs (while importing and parsing) is exit 130 with one
+    line, not a traceback."""
+    import together_async.cli as cli_module
+
+    def interrupted(argv: Any) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "run_cli", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        cli_module.main(["run", "x.jsonl", "-o", "y.jsonl"])
+    assert exited.value.code == 130

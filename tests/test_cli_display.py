@@ -167,3 +167,32 @@ async def test_client_retries_reach_the_line_during_a_run(make_emulator: object)
 
     await display.follow(Run(), work())  # type: ignore[arg-type]
     assert "retry 1/5" in stream.getvalue() and "(503)" in stream.getvalue()
+
+
+def test_a_log_record_on_a_terminal_clears_the_live_line_first() -> None:
+    """The command's log handler starts a record with a line clear on a terminal, so it never
+    reads glued to the live status line; piped, the record is as it was."""
+    import logging
+
+    from together_async.cli import _CommandLogHandler
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    record = logging.LogRecord("together_async.batches", logging.WARNING, "", 0, "note", (), None)
+    on_terminal, piped = Terminal(), io.StringIO()
+    _CommandLogHandler(on_terminal).emit(record)
+    _CommandLogHandler(piped).emit(record)
+    assert on_terminal.getvalue() == "\r\x1b[Knote\n"
+    assert piped.getvalue() == "note\n"
+
+
+def test_the_retry_note_is_gone_from_the_final_line() -> None:
+    """The last line of a run shows no retry: the run is over."""
+    stream = io.StringIO()
+    display = RunDisplay(stream, width=WIDE)
+    progress = busy_run(display)
+    display.note_retry(5, 5, 9.0, "503")
+    display.finish(progress)
+    assert "retry" not in stream.getvalue().rsplit("\r", 1)[-1]

@@ -68,7 +68,7 @@ def test_bar_with_run_totals_shows_rows_and_jobs() -> None:
     """Given the run's totals, the bar shows rows done of the rows and jobs done of created."""
     totals = BatchRunSummary(rows=100, rows_ok=90, jobs=2, shards=3)
     output = io.StringIO()
-    bar = BatchesProgressBar(totals=lambda: totals, file=output)
+    bar = BatchesProgressBar(totals=lambda: totals, file=output, ncols=120)
     bar.update(done("a"))
     bar.update(done("b"))
     frame = frames(output.getvalue())[-1]
@@ -204,3 +204,19 @@ def test_a_notebook_without_ipywidgets_gets_the_text_bar_quietly(
         bar.update(done("a"))
         assert type(bar._bar) is tqdm
     assert "batches: 100%" in output.getvalue()
+
+
+@pytest.mark.parametrize("columns", [40, 60, 70])
+def test_bar_on_a_narrow_line_drops_whole_parts(columns: int) -> None:
+    """At 70 columns and less the bar's text drops whole parts (statuses, then jobs to
+    create, then jobs) and fits: no word is cut at the edge."""
+    totals = BatchRunSummary(rows=500, rows_ok=100, jobs=3, shards=5)
+    output = io.StringIO()
+    bar = BatchesProgressBar(totals=lambda: totals, file=output, ncols=columns)
+    bar.update(done("a"))
+    frame = frames(output.getvalue())[-1]
+    assert len(frame) <= columns
+    full = ", jobs 1/3 done, 2 to create (1 COMPLETED)"
+    tail = frame.split("rows [", 1)[1].split("]", 1)[1]
+    assert full.startswith(tail) and tail in ("", ", jobs 1/3 done", ", jobs 1/3 done, 2 to create")
+    bar._bar.close()

@@ -85,8 +85,13 @@ async def test_404_on_a_collection_route_blames_the_base_url(emulator: Emulator,
     """GET /files answered 404 (the base URL's path is wrong) says so and how to fix it."""
     base = emulator.base_url.rsplit("/v1", 1)[0] + path
     async with AsyncTogether(api_key=emulator.api_key, base_url=base) as client:
-        with pytest.raises(NotFoundError, match=r"base URL's path is probably wrong.*v1"):
+        with pytest.raises(NotFoundError, match=r"base URL's path is probably wrong") as caught:
             await client.files.list()
+    assert "Together's is https://api.together.ai/v1" in str(caught.value)
+    assert (
+        f"went to 127.0.0.1:{emulator.base_url.rsplit(':', 1)[1].split('/')[0]}{path}/files"
+        in str(caught.value)
+    )
 
 
 async def test_404_for_an_id_does_not_blame_the_base_url(client: AsyncTogether) -> None:

@@ -501,6 +501,7 @@ class RunDisplay:
 
     def finish(self, progress: RunProgress) -> None:
         """Draw the last state and end the line (blocking)."""
+        self._retry = None  # the run is over: no retry is pending any more
         self.draw(progress)
         if self._drawn:
             self._stream.write("\n")
@@ -510,7 +511,7 @@ class RunDisplay:
 # The parts of the status line dropped, in this order, when the terminal is too narrow.
 _DROP_ORDER = ("rate", "statuses", "elapsed", "to_create", "retry", "jobs")
 # Seconds a retry stays on the line after it was due (its attempt is then under way).
-_RETRY_SHOWN_AFTER = 2.0
+_RETRY_SHOWN_AFTER = 0.5
 
 
 class _RetryNotes(logging.Handler):

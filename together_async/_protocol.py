@@ -426,8 +426,9 @@ def error_from_response(
         message = f"{message} ({route})"
         if status == 404 and route.endswith(_COLLECTIONS):
             message += (
-                ": this route always exists on Together's API, so the base URL's path is "
-                "probably wrong (it is https://api.together.ai/v1; check base_url, "
+                f": this route always exists on Together's API, so the base URL's path is "
+                f"probably wrong (Together's is https://api.together.ai/v1; this request went "
+                f"to {host_for_message(url)}{route.split(' ', 1)[1]}; check base_url, "
                 "--base-url or TOGETHER_BASE_URL)"
             )
     return status_error_class(status)(

@@ -41,6 +41,7 @@ from ._errors import (
     APITimeoutError,
     AuthenticationError,
     BatchFileError,
+    ManifestMismatchError,
     MissingAPIKeyError,
     TogetherError,
 )
@@ -990,6 +991,8 @@ def _hint(exc: BaseException) -> str:
         )
     if isinstance(exc, AuthenticationError):
         return f"{exc} (check --api-key / TOGETHER_API_KEY)"
+    if isinstance(exc, ManifestMismatchError):
+        return str(exc).replace("another state_path", "another --state")
     if isinstance(exc, APIConnectionError) and not isinstance(exc, APITimeoutError):
         return (
             f"{exc} (nothing answered: check --base-url / TOGETHER_BASE_URL and the network, "
@@ -1049,7 +1052,20 @@ async def _run_command(
 
 
 class _CommandLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The command's log output on stderr, API keys blanked out."""
+    """The command's log output on stderr, API keys blanked out.
+
+    On a terminal each record starts by clearing the line: `run`'s live status line may be
+    there (it is drawn again on its next tick), and a record glued to it would read as one
+    long garbled line.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        try:
+            on_terminal = self.stream.isatty()
+        except (AttributeError, ValueError):
+            on_terminal = False
+        return "\r\x1b[K" + text if on_terminal else text
 
 
 @contextlib.contextmanager
@@ -1075,7 +1091,14 @@ def _command_logging(debug: bool, secrets: _Secrets) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The `together-async` entry point: parse `argv`, run the command, exit with its code."""
-    sys.exit(run_cli(argv))
+    try:
+        code = run_cli(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before the command's own handler is installed (while importing and parsing):
+        # nothing was started, so there is nothing to say but that.
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
 
 
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE

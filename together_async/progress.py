@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import shutil
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -306,16 +307,32 @@ class BatchesProgressBar(_Bar):
     def _show_run(self) -> None:
         assert self._totals is not None
         progress = run_progress(self._totals(), self._jobs.values())
-        parts = [progress.jobs_text()]
+        jobs = progress.jobs_text()
         to_create = progress.to_create_text()
-        if to_create:
-            parts.append(to_create)
         statuses = progress.statuses_text()
+        with_create = f"{jobs}, {to_create}" if to_create else jobs
+        # Whole parts only, least important dropped first: tqdm would cut the line at the
+        # terminal's edge, mid-word.
+        choices = [
+            with_create + (f" {statuses}" if statuses else ""),
+            with_create,
+            jobs,
+            "",
+        ]
         bar = self._bar
         bar.total = max(progress.rows, 1)
         bar.n = progress.rows_done
-        bar.set_description_str(self._described(progress.percent), refresh=False)
-        bar.set_postfix_str(", ".join(parts) + (f" {statuses}" if statuses else ""), refresh=False)
+        described = self._described(progress.percent)
+        bar.set_description_str(described, refresh=False)
+        room = (
+            _columns(bar)
+            - 1
+            - len(
+                f"{described}|{'#' * _MIN_BAR}| {progress.rows_done}/{progress.rows} rows [00:00:00], "
+            )
+        )
+        postfix = next(choice for choice in choices if len(choice) <= max(room, 0))
+        bar.set_postfix_str(postfix, refresh=False)
         bar.refresh()
 
     def close(self) -> None:
@@ -323,6 +340,17 @@ class BatchesProgressBar(_Bar):
         if self._totals is not None and not self._closed:
             self._show_run()
         super().close()
+
+
+_MIN_BAR = 10  # the bar's own columns tqdm is left at least
+
+
+def _columns(bar: Any) -> int:
+    """The width the bar is drawn in: tqdm's when it knows it, else the terminal's."""
+    width = getattr(bar, "ncols", None)
+    if isinstance(width, int) and width > 0:
+        return width
+    return shutil.get_terminal_size((80, 24)).columns
 
 
 def observer_for_run(progress: Any, totals: Callable[[], RunTotals]) -> Any:
