@@ -272,13 +272,14 @@ def _add_run_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         "--poll-interval",
         type=_positive_float,
         metavar="SECONDS",
-        help="first interval between status polls; it backs off from there",
+        help="first interval between status polls (default: 2, or 0.1 with --emulator); "
+        "it backs off from there",
     )
     run.add_argument(
         "--max-poll-interval",
         type=_positive_float,
         metavar="SECONDS",
-        help="longest interval between status polls",
+        help="longest interval between status polls (default: 30, or 0.5 with --emulator)",
     )
     run.add_argument(
         "--emulator",

@@ -324,13 +324,9 @@ class BatchesProgressBar(_Bar):
         bar.n = progress.rows_done
         described = self._described(progress.percent)
         bar.set_description_str(described, refresh=False)
-        room = (
-            _columns(bar)
-            - 1
-            - len(
-                f"{described}|{'#' * _MIN_BAR}| {progress.rows_done}/{progress.rows} rows [00:00:00], "
-            )
-        )
+        counts = f"{progress.rows_done}/{progress.rows}"
+        fixed = f"{described}|{'#' * _MIN_BAR}| {counts} rows [00:00:00], "
+        room = _columns(bar) - 1 - len(fixed)
         postfix = next(choice for choice in choices if len(choice) <= max(room, 0))
         bar.set_postfix_str(postfix, refresh=False)
         bar.refresh()
