@@ -30,6 +30,7 @@ import orjson
 
 from ._errors import TogetherError
 from ._models import BatchResult
+from ._tempdirs import may_be_alive
 
 __all__ = [
     "CommonError",
@@ -221,18 +222,6 @@ def _detached_spool_path(directory: Path) -> Path:
     return directory / f".{_DETACHED_SPOOL}.{os.getpid()}.{secrets.token_hex(4)}.spool"
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    except OSError:
-        return False
-    return True
-
-
 def remove_stale_staging(path: Path) -> list[Path]:
     """Delete the staging files (spool, partial) that a killed run left beside `path`
     (`.NAME.PID.KIND` or `.NAME.PID.TOKEN.KIND`).
@@ -256,7 +245,7 @@ def remove_stale_staging(path: Path) -> list[Path]:
         if kind not in _STAGING_KINDS or not pid_text.isdecimal():
             continue
         pid = int(pid_text)
-        if pid == os.getpid() or _process_alive(pid):
+        if pid == os.getpid() or may_be_alive(pid):
             continue
         stale = path.with_name(name)
         try:

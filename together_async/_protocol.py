@@ -51,8 +51,11 @@ __all__ = [
     "request_id_from",
     "require_id",
     "resolve_location",
+    "require_text",
     "retry_backoff",
+    "secrets_of",
     "unwrap_job",
+    "wire_name",
     "user_agent",
     "with_context",
 ]
@@ -339,7 +342,7 @@ def _decode_error_body(body: bytes) -> tuple[Any, str | None]:
 _MIN_QUERY_SECRET = 4
 
 
-def _secrets_of(key: str | None, url: str) -> list[tuple[str, str]]:
+def secrets_of(key: str | None, url: str) -> list[tuple[str, str]]:
     """What to blank out of an error built from an answer to `url`: the API key, and the
     values of the URL's query (a presigned URL's signature and credential), in the spellings a
     server may echo; longest first, so a value inside another is not half-blanked."""
@@ -415,7 +418,7 @@ def error_from_response(
     # Blanked after decoding, so an escaped spelling (JSON's \u0073k-...) is caught too, and
     # in the headers kept as well: a gateway may echo the Authorization header, a storage host
     # the presigned URL, into X-Request-Id.
-    secrets_in = _secrets_of(secret, url)
+    secrets_in = secrets_of(secret, url)
     decoded = _scrubbed(decoded, secrets_in)
     message = _scrubbed(message, secrets_in)
     request_id = request_id_from(headers)

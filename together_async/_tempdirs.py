@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - not POSIX: the sweep is skipped there 
 
 __all__ = [
     "make_owned_temp_dir",
+    "may_be_alive",
     "release_temp_dir",
     "remove_dead_temp_dirs",
     "remove_owned_temp_dir",
@@ -119,7 +120,7 @@ def remove_dead_temp_dirs(root: str | os.PathLike[str], prefix: str) -> list[Pat
             continue
         pid = int(match.group(1))
         path = Path(entry.path)
-        if pid == os.getpid() or _maybe_alive(pid) or _locked_by_another(path):
+        if pid == os.getpid() or may_be_alive(pid) or _locked_by_another(path):
             continue
         # rmtree refuses a symlink (swapped in since the check) and removes nothing through it.
         shutil.rmtree(path, ignore_errors=True)
@@ -131,7 +132,9 @@ def remove_dead_temp_dirs(root: str | os.PathLike[str], prefix: str) -> list[Pat
     return removed
 
 
-def _maybe_alive(pid: int) -> bool:
+def may_be_alive(pid: int) -> bool:
+    """Whether process `pid` may be running: only a sure "no such process" says it is not
+    (another user's live process, or one that cannot be asked about, counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

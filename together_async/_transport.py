@@ -28,7 +28,7 @@ import sys
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import aiohttp.payload
@@ -40,6 +40,7 @@ if sys.platform != "win32":
     import termios
 
 from ._errors import APIConnectionError, APITimeoutError, ResponseTooLargeError
+from ._protocol import secrets_of
 
 __all__ = [
     "CALL_DEADLINE",
@@ -181,10 +182,8 @@ def _without_query_values(body: bytes, url: str) -> bytes:
     """An error answer from a URL with a query (a presigned URL), without the query's values:
     a storage host may echo them (S3's SignatureDoesNotMatch names the signature it got), and
     the error built from the body would then carry the credential."""
-    for _name, value in parse_qsl(urlsplit(url).query, keep_blank_values=False):
-        for spelling in {value, quote(value, safe=""), quote(value, safe="/")}:
-            if len(spelling) >= 8:
-                body = body.replace(spelling.encode(), b"<hidden>")
+    for secret, shown in secrets_of(None, url):
+        body = body.replace(secret.encode(), shown.encode())
     return body
 
 
